@@ -1,0 +1,137 @@
+"""MoE block: router (top-k on the device), one named host sync, experts through a backend.
+
+Where expert weights live (all on the GPU, in a cache fed from pinned host memory, streamed
+for prefill...) is the backend's business; this module only routes and combines, and does
+so deterministically: each (token, choice) pair gets its own output row, so the order in
+which a backend computes experts never changes the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duoserve.config import ModelConfig
+from duoserve.engine.context import get_step_context
+
+
+@dataclass
+class RoutingPlan:
+    """Which experts a layer's tokens use. Host lists come from the one routing sync.
+
+    Assignment rows (one per token x choice, T*K of them) are sorted by expert: expert
+    `expert_ids[j]` owns rows `row_offsets[j] : row_offsets[j + 1]`.
+    """
+
+    layer_id: int
+    expert_ids: list[int]  # experts used by >= 1 token, ascending
+    token_counts: list[int]  # assignments per used expert
+    order_dev: torch.Tensor  # [T*K] flat assignment index, sorted by expert
+    token_rows_dev: torch.Tensor  # [T*K] token row of each sorted assignment
+
+    @property
+    def row_offsets(self) -> list[int]:
+        offsets = [0]
+        for n in self.token_counts:
+            offsets.append(offsets[-1] + n)
+        return offsets
+
+
+def sync_routed_experts(layer_id: int, topk_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """THE per-layer host sync: bring the routed expert counts to the host, timed.
+
+    topk_ids: [T, K] expert ids on the device.
+    """
+    K = topk_ids.shape[1]
+    flat = topk_ids.flatten()  # [T*K]
+    order = torch.argsort(flat, stable=True)
+    counts_dev = torch.bincount(flat, minlength=num_experts)
+    t0 = time.perf_counter()
+    counts = counts_dev.tolist()  # NOTE: the one host sync of a MoE layer
+    stats = get_step_context().stats
+    stats["routing_sync_s"] = stats.get("routing_sync_s", 0.0) + time.perf_counter() - t0
+    stats["routing_syncs"] = stats.get("routing_syncs", 0) + 1
+    used = [e for e, n in enumerate(counts) if n]
+    return RoutingPlan(layer_id, used, [counts[e] for e in used], order, order // K)
+
+
+def expert_mlp(x: torch.Tensor, weights: torch.Tensor, inter: int) -> torch.Tensor:
+    """down(silu(gate x) * up x) for x [n, H] and one packed expert [3*I*H] (gate, up, down)."""
+    H = x.shape[-1]
+    gate_up = weights[: 2 * inter * H].view(2 * inter, H)  # [2I, H]
+    down = weights[2 * inter * H :].view(H, inter)  # [H, I]
+    gate, up = F.linear(x, gate_up).split(inter, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+class ExpertBackend(Protocol):
+    """Computes the routed experts of one MoE layer: returns one output row per assignment."""
+
+    def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
+        """Fill out_rows[r] (sorted assignment rows, [T*K, H]) with expert(x[token of r])."""
+        ...
+
+
+class DenseMLP(nn.Module):
+    """Gated SiLU MLP (dense layers and the Qwen2-MoE shared expert)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    """Router + routed experts (+ the sigmoid-gated shared expert of Qwen2-MoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.keep_fp32_weights = cfg.family == "mixtral"
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.shared_expert = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.backend: ExpertBackend | None = None  # set by the engine after loading
+        self.routing_hook = None  # optional fn(layer_id, topk_ids, topk_weights) -> (ids, weights)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids [T, K] and weights [T, K] (softmax over all experts, then top-k)."""
+        probs = F.softmax(self.router(x).float(), dim=-1)  # [T, E]
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        if not self.keep_fp32_weights:
+            topk_weights = topk_weights.to(x.dtype)
+        return topk_ids, topk_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # T tokens, K top-k, H hidden
+        assert self.backend is not None, "MoE block has no expert backend: load the model first"
+        T, H = x.shape
+        topk_ids, topk_weights = self.route(x)
+        if self.routing_hook is not None:
+            topk_ids, topk_weights = self.routing_hook(self.layer_id, topk_ids, topk_weights)
+        plan = sync_routed_experts(self.layer_id, topk_ids, self.num_experts)
+        sorted_rows = torch.empty(T * self.top_k, H, dtype=x.dtype, device=x.device)
+        self.backend.compute(x, plan, sorted_rows)
+        rows = torch.empty_like(sorted_rows)
+        rows[plan.order_dev] = sorted_rows  # back to [T*K] in (token, choice) order
+        out = (rows.view(T, self.top_k, H).float() * topk_weights[:, :, None].float()).sum(1)
+        out = out.to(x.dtype)
+        if self.shared_expert is not None:
+            gate = torch.sigmoid(self.shared_expert_gate(x))
+            out = out + gate * self.shared_expert(x)
+        return out

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny HF checkpoints of every family, built with transformers itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from duoserve.weights.synthetic import byte_tokenizer
+
+BASE = dict(
+    vocab_size=300,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=256,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+# family -> (transformers config class name, model class name, family-specific config)
+FAMILIES = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, sliding_window=7),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=3,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_experts=10,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            head_dim=12,
+            mlp_only_layers=[2],
+            decoder_sparse_step=1,
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            clip_qkv=0.3,
+        ),
+    ),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give every weight (norms and biases too) a random value, so each one is tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            p.copy_(1.0 + noise if "norm" in name else noise * 2)
+
+
+def make_hf_checkpoint(family: str, out_dir: Path, seed: int = 0, shard: bool = True, **overrides):
+    """Save a random tiny model of `family` with transformers; return (dir, hf_model)."""
+    import transformers
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    randomize_(model, seed)
+    model.save_pretrained(out_dir, max_shard_size="200KB" if shard else "10GB")
+    byte_tokenizer().save(str(out_dir / "tokenizer.json"))
+    tok_cfg = {"bos_token": "<s>", "eos_token": "</s>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return out_dir, model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    """One tiny checkpoint per family, shared by the tests of a session."""
+    root = tmp_path_factory.mktemp("hf")
+    return {f: make_hf_checkpoint(f, root / f, seed=i) for i, f in enumerate(FAMILIES)}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
