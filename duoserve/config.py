@@ -289,7 +289,7 @@ class EngineConfig:
         None, "GiB the process may hold on the device, all included; None: no offloading"
     )
     policy: str = _opt("auto", "expert policy: full-gpu, ondemand, lru, lfu, or auto")
-    seed: int = _opt(0, "seed of synthetic weights")
+    synthetic_seed: int = _opt(0, "seed of synthetic (random) weights")
 
     def __post_init__(self) -> None:
         if self.max_model_len <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

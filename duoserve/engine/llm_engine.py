@@ -20,7 +20,7 @@ from duoserve.engine.request import Request, RequestOutput
 from duoserve.engine.runner import ModelRunner
 from duoserve.engine.scheduler import ScheduledBatch, Scheduler
 from duoserve.layers.sampler import SamplingParams
-from duoserve.offload.runtime import build_expert_runtime
+from duoserve.offload.runtime import build_expert_runtime, plan_for
 from duoserve.tokenizer import Tokenizer
 from duoserve.weights.checkpoint import SafetensorsCheckpoint, SyntheticCheckpoint
 from duoserve.weights.loader import build_dense_model, check_all_used
@@ -71,16 +71,24 @@ class LLMEngine:
             self.model_config = ModelConfig.from_dict(raw, source=self.model_name)
             self.tokenizer = synthetic_tokenizer(raw)
             gen_device = "cuda" if self.device.type == "cuda" else "cpu"
-            source = SyntheticCheckpoint(seed=config.seed, device=gen_device)
+            source = SyntheticCheckpoint(seed=config.synthetic_seed, device=gen_device)
         else:
             self.model_config = ModelConfig.from_pretrained(self.model_name)
             self.tokenizer = Tokenizer.from_dir(self.model_name, self.model_config.eos_token_ids)
             source = SafetensorsCheckpoint(self.model_name)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
+        config = self.config = config.replace(max_model_len=self.max_model_len)
+        self.memory_plan = plan_for(cfg, config, self.dtype, self.device)
+        if self.memory_plan is not None and self.device.type == "cuda":
+            # The budget is a promise: the allocator may not reserve more than it.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, self.memory_plan.budget_bytes / total), self.device
+            )
         self.model = build_dense_model(cfg, source, self.device, self.dtype)
         self.experts = build_expert_runtime(
-            self.model, cfg, config, source, self.device, self.dtype
+            self.model, cfg, config, source, self.device, self.dtype, self.memory_plan
         )
         check_all_used(source)
         self.kv = KVCache(cfg, config.max_num_seqs, self.max_model_len, self.dtype, self.device)

@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from duoserve.config import EngineConfig, ModelConfig
 from duoserve.models.moe_lm import MoELM
+from duoserve.offload.backends import CachedExperts, OnDemandExperts
+from duoserve.offload.host_store import HostExpertStore
+from duoserve.offload.planner import MemoryPlan, plan_memory
+from duoserve.offload.policies import EVICTION_POLICIES
 from duoserve.offload.resident import ResidentExperts
+
+POLICIES = ("full-gpu", "ondemand", *sorted(EVICTION_POLICIES))
+
+
+def resolve_policy(engine: EngineConfig) -> str:
+    policy = engine.policy
+    if policy == "auto":
+        policy = "full-gpu" if engine.gpu_memory_budget is None else "lru"
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy '{policy}'; known: {', '.join(POLICIES)}, auto")
+    return policy
+
+
+def plan_for(
+    cfg: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device
+) -> MemoryPlan | None:
+    """The memory plan (printed), or None when no budget was given."""
+    if engine.gpu_memory_budget is None:
+        return None
+    policy = resolve_policy(engine)
+    plan = plan_memory(
+        cfg, engine, dtype, device, policy, min_expert_slots=1 if policy == "ondemand" else None
+    )
+    if policy == "ondemand":
+        plan = MemoryPlan(**{**plan.__dict__, "num_expert_slots": 1})
+    print(f"[duoserve] memory plan ({policy}, {device}):\n{plan.table()}", file=sys.stderr)
+    return plan
 
 
 def build_expert_runtime(
@@ -16,16 +49,22 @@ def build_expert_runtime(
     source,
     device: torch.device,
     dtype: torch.dtype,
+    plan: MemoryPlan | None,
 ):
     """Load every expert into the backend the policy names and attach it to the MoE blocks."""
-    policy = engine.policy
-    if policy == "auto":
-        policy = "full-gpu" if engine.gpu_memory_budget is None else "lru"
-    if policy != "full-gpu":
-        raise ValueError(f"unknown policy '{policy}'; known: full-gpu")
-    backend = ResidentExperts(cfg, device, dtype)
-    staging = source.device if hasattr(source, "device") else "cpu"
-    backend.load(source, staging)
+    policy = resolve_policy(engine)
+    staging = getattr(source, "device", "cpu")
+    if policy == "full-gpu":
+        backend = ResidentExperts(cfg, device, dtype)
+        backend.load(source, staging)
+    else:
+        store = HostExpertStore(cfg, dtype, pin=device.type == "cuda")
+        store.load(source, staging)
+        assert plan is not None, f"policy {policy} needs --gpu-memory-budget"
+        if policy == "ondemand":
+            backend = OnDemandExperts(cfg, store, device)
+        else:
+            backend = CachedExperts(cfg, store, plan.num_expert_slots, policy, device)
     for block in model.moe_blocks():
         block.backend = backend
     return backend

@@ -1,0 +1,123 @@
+"""Offloaded expert backends: `ondemand` (no cache) and cached (`lru`, `lfu`, `fifo`).
+
+Both read packed experts from the host store. The cached backend serves each layer's
+routed experts as one access group of the expert cache: misses are issued on the copy
+stream first, hits are computed while the misses land, then each miss is computed after
+its ready event. A group larger than the cache is served in waves of at most `num_slots`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duoserve.config import ModelConfig
+from duoserve.layers.moe import RoutingPlan
+from duoserve.offload.expert_cache import ExpertCache
+from duoserve.offload.host_store import HostExpertStore
+from duoserve.offload.resident import compute_expert_rows
+from duoserve.offload.transfer import TransferEngine
+
+MAX_PENDING_EVENTS = 4096
+
+
+class CachedExperts:
+    """Experts served from a device cache of `num_slots` slots, filled from the host store."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        store: HostExpertStore,
+        num_slots: int,
+        policy: str,
+        device: torch.device,
+        record_trace: bool = False,
+    ) -> None:
+        self.name = policy
+        self.cfg = cfg
+        self.store = store
+        self.cache = ExpertCache(
+            num_slots, cfg.expert_numel, store.dtype, device, policy, record_trace
+        )
+        self.transfer = TransferEngine(num_slots, device)
+        self.access_log: list[tuple[int, tuple[int, ...]]] | None = [] if record_trace else None
+
+    def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
+        wave = self.cache.num_slots
+        for lo in range(0, len(plan.expert_ids), wave):
+            self._compute_wave(x, plan, range(lo, min(lo + wave, len(plan.expert_ids))), out_rows)
+        if len(self.transfer.stats.pending_wait) > MAX_PENDING_EVENTS:
+            self.transfer.resolve()
+
+    def _compute_wave(self, x, plan: RoutingPlan, js: range, out_rows: torch.Tensor) -> None:
+        layer_id, inter = plan.layer_id, self.cfg.moe_intermediate_size
+        expert_ids = [plan.expert_ids[j] for j in js]
+        if self.access_log is not None:
+            self.access_log.append((layer_id, tuple(expert_ids)))
+        slots = self.cache.acquire_group(layer_id, expert_ids)
+        by_expert = {s.key[1]: s for s in slots}
+        for s in slots:  # issue every miss before any compute
+            if not s.is_hit:
+                self.transfer.copy_in(s.slot, self.store.expert(*s.key), self.cache.slots[s.slot])
+        ordered = sorted(js, key=lambda j: not by_expert[plan.expert_ids[j]].is_hit)  # hits first
+        for j in ordered:
+            s = by_expert[plan.expert_ids[j]]
+            if not s.is_hit:
+                self.transfer.wait_ready(s.slot)
+            compute_expert_rows(x, plan, j, self.cache.slots[s.slot], inter, out_rows)
+            self.transfer.mark_read(s.slot)
+        self.cache.release(slots)
+
+    def stats(self) -> dict[str, float]:
+        t = self.transfer.resolve()
+        c = self.cache.stats
+        return {
+            "hits": c.hits,
+            "misses": c.misses,
+            "hit_rate": c.hit_rate,
+            "evictions": c.evictions,
+            "bytes_copied": t.bytes_copied,
+            "copies": t.num_copies,
+            "copy_seconds": t.copy_seconds,
+            "wait_seconds": t.wait_seconds,
+            "prefetches": c.prefetches,
+            "prefetch_hits": c.prefetch_hits,
+            "prefetch_unused": c.prefetch_unused,
+        }
+
+
+class OnDemandExperts:
+    """No cache: every routed expert is copied when needed, on the compute stream.
+
+    One scratch slot; copy and compute serialize on one stream and nothing is reused across
+    layers or steps: this is what module-hook offloading (fetch on call) costs.
+    """
+
+    name = "ondemand"
+
+    def __init__(self, cfg: ModelConfig, store: HostExpertStore, device: torch.device) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.scratch = torch.empty(cfg.expert_numel, dtype=store.dtype, device=device)
+        self.transfer = TransferEngine(1, device)
+        self.num_fetches = 0
+
+    def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
+        for j, e in enumerate(plan.expert_ids):
+            self.transfer.copy_sync(self.store.expert(plan.layer_id, e), self.scratch)
+            compute_expert_rows(x, plan, j, self.scratch, self.cfg.moe_intermediate_size, out_rows)
+            self.num_fetches += 1
+        if len(self.transfer.stats.pending_wait) > MAX_PENDING_EVENTS:
+            self.transfer.resolve()
+
+    def stats(self) -> dict[str, float]:
+        t = self.transfer.resolve()
+        return {
+            "hits": 0,
+            "misses": self.num_fetches,
+            "hit_rate": 0.0,
+            "evictions": 0,
+            "bytes_copied": t.bytes_copied,
+            "copies": t.num_copies,
+            "copy_seconds": t.copy_seconds,
+            "wait_seconds": t.wait_seconds,
+        }

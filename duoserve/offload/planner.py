@@ -1,0 +1,152 @@
+"""Memory planner: split `--gpu-memory-budget` into its parts at start-up, or refuse.
+
+Everything the process holds on the device must fit: dense weights, the KV cache for
+max_model_len x max_num_seqs, activations of the largest step, the prefill staging ring,
+expert slots, and allocator slack. (The CUDA context itself, ~0.5 GiB, is outside
+torch's allocator and outside the budget, as in vLLM's accounting.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from duoserve.config import EngineConfig, ModelConfig
+from duoserve.engine.kv_cache import kv_cache_bytes
+from duoserve.weights.mapping import dense_param_table
+
+GiB = 2**30
+SLACK_BYTES = {"cuda": 256 * 2**20, "cpu": 2**20}  # fragmentation, small allocations
+SLACK_FRACTION = 0.03
+
+
+class BudgetError(ValueError):
+    """The budget cannot hold the minimum the model needs; the message names the minimum."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes given to each part; `num_expert_slots` device slots of `expert_bytes` each."""
+
+    budget_bytes: int
+    dense_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    staging_bytes: int
+    slack_bytes: int
+    expert_bytes: int
+    num_expert_slots: int
+    num_experts_total: int
+
+    @property
+    def expert_cache_bytes(self) -> int:
+        return self.num_expert_slots * self.expert_bytes
+
+    def table(self) -> str:
+        rows = [
+            ("dense weights", self.dense_bytes),
+            ("KV cache", self.kv_cache_bytes),
+            ("activations", self.activation_bytes),
+            ("prefill staging", self.staging_bytes),
+            (
+                f"expert slots ({self.num_expert_slots} of {self.num_experts_total})",
+                self.expert_cache_bytes,
+            ),
+            ("allocator slack", self.slack_bytes),
+        ]
+        used = sum(b for _, b in rows)
+        lines = [f"{'part':<34}{'GiB':>9}"]
+        lines += [f"{name:<34}{b / GiB:>9.3f}" for name, b in rows]
+        lines.append(
+            f"{'total (budget ' + f'{self.budget_bytes / GiB:.2f})':<34}{used / GiB:>9.3f}"
+        )
+        return "\n".join(lines)
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def dense_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    numel = sum(_numel(shape) for _, shape in dense_param_table(cfg).values())
+    return numel * _elem(dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def activation_bytes(cfg: ModelConfig, engine: EngineConfig, dtype: torch.dtype, cpu: bool) -> int:
+    """A generous estimate of the live activations of the largest step."""
+    T, B, e = engine.max_num_batched_tokens, engine.max_num_seqs, _elem(dtype)
+    H, K = cfg.hidden_size, cfg.num_experts_per_tok
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    inter = max(
+        cfg.intermediate_size, cfg.shared_expert_intermediate_size, cfg.moe_intermediate_size
+    )
+    per_token = (8 * H + 2 * qkv + 3 * inter + 2 * K * H) * e + (K * H + 2 * cfg.num_experts) * 4
+    scores = cfg.num_heads * T * min(T, engine.max_model_len) * 4 if cpu else 0  # math SDPA
+    logits = 2 * B * cfg.vocab_size * 4
+    return int(1.25 * (T * per_token + scores + logits))
+
+
+def plan_memory(
+    cfg: ModelConfig,
+    engine: EngineConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    policy: str,
+    staging_bytes: int = 0,
+    min_expert_slots: int | None = None,
+) -> MemoryPlan:
+    """Divide the budget; raise BudgetError if even the minimum does not fit."""
+    assert engine.gpu_memory_budget is not None, "plan_memory needs a budget"
+    budget = int(engine.gpu_memory_budget * GiB)
+    expert_bytes = cfg.expert_numel * _elem(dtype)
+    total_experts = cfg.num_moe_layers * cfg.num_experts
+    fixed = dict(
+        dense_bytes=dense_bytes(cfg, dtype),
+        kv_cache_bytes=kv_cache_bytes(cfg, engine.max_num_seqs, engine.max_model_len, dtype),
+        activation_bytes=activation_bytes(cfg, engine, dtype, device.type == "cpu"),
+        staging_bytes=staging_bytes,
+        slack_bytes=SLACK_BYTES[device.type] + int(SLACK_FRACTION * budget),
+    )
+    fixed_total = sum(fixed.values())
+    if policy == "full-gpu":
+        need = fixed_total + total_experts * expert_bytes
+        if need > budget:
+            raise BudgetError(
+                f"policy full-gpu needs {need / GiB:.2f} GiB (all {total_experts} experts "
+                f"resident) but the budget is {budget / GiB:.2f} GiB; raise "
+                "--gpu-memory-budget or pick an offloading policy (lru, ondemand)"
+            )
+        return MemoryPlan(
+            budget,
+            expert_bytes=expert_bytes,
+            num_expert_slots=total_experts,
+            num_experts_total=total_experts,
+            **fixed,
+        )
+    min_slots = min_expert_slots if min_expert_slots is not None else cfg.num_experts_per_tok
+    minimum = fixed_total + min_slots * expert_bytes
+    if minimum > budget:
+        parts = ", ".join(f"{k.removesuffix('_bytes')} {v / GiB:.3f}" for k, v in fixed.items())
+        raise BudgetError(
+            f"--gpu-memory-budget {budget / GiB:.3f} GiB is below the minimum "
+            f"{minimum / GiB:.3f} GiB for this model with max_model_len={engine.max_model_len}, "
+            f"max_num_seqs={engine.max_num_seqs}, max_num_batched_tokens="
+            f"{engine.max_num_batched_tokens} (GiB: {parts}, {min_slots} expert slots "
+            f"{min_slots * expert_bytes / GiB:.3f})"
+        )
+    num_slots = min((budget - fixed_total) // expert_bytes, total_experts)
+    return MemoryPlan(
+        budget,
+        expert_bytes=expert_bytes,
+        num_expert_slots=int(num_slots),
+        num_experts_total=total_experts,
+        **fixed,
+    )

@@ -1,0 +1,118 @@
+"""Transfer engine: one copy stream, a ready event per slot, compute waits on events.
+
+Ordering, on CUDA:
+- copy into slot s waits (on the copy stream) for `done_event[s]`, recorded on the compute
+  stream after the last compute that read s, so a slot is never overwritten while read;
+- compute that reads s waits (on the compute stream) for `ready_event[s]`, recorded on the
+  copy stream after the copy; the host never waits.
+Copy time and compute stall time are measured with CUDA events and resolved lazily.
+On the CPU every copy is synchronous and the same code runs without events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TransferStats:
+    """Bytes moved and device-side timings (seconds)."""
+
+    num_copies: int = 0
+    bytes_copied: int = 0
+    copy_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    pending_copy: list = field(default_factory=list)  # (start, end) events, unresolved
+    pending_wait: list = field(default_factory=list)
+
+
+class TransferEngine:
+    """Moves packed experts host -> device slots on a dedicated copy stream."""
+
+    def __init__(self, num_slots: int, device: torch.device, timed: bool = True) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self.ready_events: list = [None] * num_slots
+        self.done_events: list = [None] * num_slots
+        self.timed = timed and self.is_cuda
+        self.stats = TransferStats()
+
+    def _event(self, timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing)
+
+    def copy_in(self, slot: int, src_host: torch.Tensor, dst: torch.Tensor) -> None:
+        """Start copying `src_host` into slot `slot` (view `dst`); returns at once on CUDA."""
+        self.stats.num_copies += 1
+        self.stats.bytes_copied += src_host.numel() * src_host.element_size()
+        if not self.is_cuda:
+            dst.copy_(src_host)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if self.done_events[slot] is not None:
+                self.copy_stream.wait_event(self.done_events[slot])
+            start = self._event(True) if self.timed else None
+            if start is not None:
+                start.record(self.copy_stream)
+            dst.copy_(src_host, non_blocking=True)
+            ready = self._event(self.timed)
+            ready.record(self.copy_stream)
+        self.ready_events[slot] = ready
+        if start is not None:
+            self.stats.pending_copy.append((start, ready))
+
+    def copy_sync(self, src_host: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy on the compute stream (no overlap): what module-hook offloading does."""
+        self.stats.num_copies += 1
+        self.stats.bytes_copied += src_host.numel() * src_host.element_size()
+        if not self.is_cuda:
+            dst.copy_(src_host)
+            return
+        start = self._event(True) if self.timed else None
+        if start is not None:
+            start.record()
+        dst.copy_(src_host, non_blocking=True)
+        if start is not None:
+            end = self._event(True)
+            end.record()
+            self.stats.pending_copy.append((start, end))
+            self.stats.pending_wait.append((start, end))  # compute waits for all of it
+
+    def wait_ready(self, slot: int) -> None:
+        """Make the compute stream wait until slot `slot` has landed (no host wait)."""
+        ready = self.ready_events[slot]
+        if not self.is_cuda or ready is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if self.timed:
+            before, after = self._event(True), self._event(True)
+            before.record(stream)
+            stream.wait_event(ready)
+            after.record(stream)
+            self.stats.pending_wait.append((before, after))
+        else:
+            stream.wait_event(ready)
+        self.ready_events[slot] = None
+
+    def mark_read(self, slot: int) -> None:
+        """Record that compute issued so far is the last reader of `slot`."""
+        if self.is_cuda:
+            done = self._event()
+            done.record(torch.cuda.current_stream(self.device))
+            self.done_events[slot] = done
+
+    def resolve(self) -> TransferStats:
+        """Fold finished event pairs into seconds (synchronizes with the device)."""
+        if self.is_cuda and (self.stats.pending_copy or self.stats.pending_wait):
+            torch.cuda.synchronize(self.device)
+            self.stats.copy_seconds += (
+                sum(a.elapsed_time(b) for a, b in self.stats.pending_copy) / 1e3
+            )
+            self.stats.wait_seconds += (
+                sum(a.elapsed_time(b) for a, b in self.stats.pending_wait) / 1e3
+            )
+            self.stats.pending_copy.clear()
+            self.stats.pending_wait.clear()
+        return self.stats
