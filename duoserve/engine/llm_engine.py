@@ -35,11 +35,15 @@ class RequestError(ValueError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """A torch device; CUDA devices always carry their index (cuda -> cuda:0)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -79,17 +83,11 @@ class LLMEngine:
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
         config = self.config = config.replace(max_model_len=self.max_model_len)
-        self.memory_plan = plan_for(cfg, config, self.dtype, self.device)
-        if self.memory_plan is not None and self.device.type == "cuda":
-            # The budget is a promise: the allocator may not reserve more than it.
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                min(1.0, self.memory_plan.budget_bytes / total), self.device
-            )
+        plan_for(cfg, config, self.dtype, self.device, verbose=False)  # refuse a bad budget early
         self.model = build_dense_model(cfg, source, self.device, self.dtype)
-        self.experts = build_expert_runtime(
-            self.model, cfg, config, source, self.device, self.dtype, self.memory_plan
-        )
+        self.host_store = None
+        self._source = source
+        self.set_expert_policy(config.policy, config.gpu_memory_budget)
         check_all_used(source)
         self.kv = KVCache(cfg, config.max_num_seqs, self.max_model_len, self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, self.max_model_len)
@@ -97,6 +95,35 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+
+    def set_expert_policy(self, policy: str, gpu_memory_budget: float | None) -> None:
+        """(Re)build the expert backend under a policy and budget; the host store is kept.
+
+        Benchmarks use this to compare policies in one process without re-pinning experts.
+        """
+        assert not hasattr(self, "scheduler") or not self.has_unfinished_requests()
+        self.experts = None
+        for block in self.model.moe_blocks():
+            block.backend = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.config = self.config.replace(policy=policy, gpu_memory_budget=gpu_memory_budget)
+        self.memory_plan = plan_for(self.model_config, self.config, self.dtype, self.device)
+        if self.device.type == "cuda":
+            # The budget is a promise: the allocator may not reserve more than it.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = self.memory_plan.budget_bytes if self.memory_plan else total
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
+        self.experts, self.host_store = build_expert_runtime(
+            self.model,
+            self.model_config,
+            self.config,
+            self._source,
+            self.device,
+            self.dtype,
+            self.memory_plan,
+            self.host_store,
+        )
 
     # ------------------------------------------------------------------ requests
 

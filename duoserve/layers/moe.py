@@ -22,28 +22,33 @@ from duoserve.engine.context import get_step_context
 
 @dataclass
 class RoutingPlan:
-    """Which experts a layer's tokens use. Host lists come from the one routing sync.
+    """Which experts a layer's tokens use.
 
-    Assignment rows (one per token x choice, T*K of them) are sorted by expert: expert
-    `expert_ids[j]` owns rows `row_offsets[j] : row_offsets[j + 1]`.
+    Assignment rows (one per token x choice, T*K of them) are sorted by expert. The host
+    lists come from the one routing sync and are None for backends that need no sync.
     """
 
     layer_id: int
-    expert_ids: list[int]  # experts used by >= 1 token, ascending
-    token_counts: list[int]  # assignments per used expert
     order_dev: torch.Tensor  # [T*K] flat assignment index, sorted by expert
     token_rows_dev: torch.Tensor  # [T*K] token row of each sorted assignment
+    expert_of_row_dev: torch.Tensor  # [T*K] expert of each sorted assignment
+    counts_dev: torch.Tensor  # [E] assignments per expert
+    expert_ids: list[int] | None = None  # experts used by >= 1 token, ascending
+    token_counts: list[int] | None = None  # assignments per used expert
 
     @property
     def row_offsets(self) -> list[int]:
+        assert self.token_counts is not None, "row offsets need the host sync"
         offsets = [0]
         for n in self.token_counts:
             offsets.append(offsets[-1] + n)
         return offsets
 
 
-def sync_routed_experts(layer_id: int, topk_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
-    """THE per-layer host sync: bring the routed expert counts to the host, timed.
+def plan_routing(
+    layer_id: int, topk_ids: torch.Tensor, num_experts: int, sync: bool
+) -> RoutingPlan:
+    """Sort a layer's assignments by expert; with `sync`, bring the counts to the host.
 
     topk_ids: [T, K] expert ids on the device.
     """
@@ -51,13 +56,21 @@ def sync_routed_experts(layer_id: int, topk_ids: torch.Tensor, num_experts: int)
     flat = topk_ids.flatten()  # [T*K]
     order = torch.argsort(flat, stable=True)
     counts_dev = torch.bincount(flat, minlength=num_experts)
+    plan = RoutingPlan(layer_id, order, order // K, flat[order], counts_dev)
+    if sync:
+        sync_routed_experts(plan)
+    return plan
+
+
+def sync_routed_experts(plan: RoutingPlan) -> None:
+    """THE per-layer host sync: bring the routed expert counts to the host, timed."""
     t0 = time.perf_counter()
-    counts = counts_dev.tolist()  # NOTE: the one host sync of a MoE layer
+    counts = plan.counts_dev.tolist()  # NOTE: the one host sync of a MoE layer
     stats = get_step_context().stats
     stats["routing_sync_s"] = stats.get("routing_sync_s", 0.0) + time.perf_counter() - t0
     stats["routing_syncs"] = stats.get("routing_syncs", 0) + 1
-    used = [e for e, n in enumerate(counts) if n]
-    return RoutingPlan(layer_id, used, [counts[e] for e in used], order, order // K)
+    plan.expert_ids = [e for e, n in enumerate(counts) if n]
+    plan.token_counts = [counts[e] for e in plan.expert_ids]
 
 
 def expert_mlp(x: torch.Tensor, weights: torch.Tensor, inter: int) -> torch.Tensor:
@@ -69,8 +82,40 @@ def expert_mlp(x: torch.Tensor, weights: torch.Tensor, inter: int) -> torch.Tens
     return F.linear(F.silu(gate) * up, down)
 
 
+def grouped_expert_mlp(
+    x_rows: torch.Tensor, pool: torch.Tensor, group_of_row: torch.Tensor, inter: int
+) -> torch.Tensor:
+    """expert_mlp for many rows at once: row r uses packed expert pool[group_of_row[r]].
+
+    x_rows [N, H] sorted by group; pool [G, 3*I*H]; one grouped GEMM per projection, no loop
+    and no host sync (empty groups cost nothing).
+    """
+    # N rows, G groups, H hidden, I intermediate
+    G, H = pool.shape[0], x_rows.shape[1]
+    offs = torch.cumsum(torch.bincount(group_of_row, minlength=G), 0).to(torch.int32)  # [G]
+    gate_up = pool[:, : 2 * inter * H].view(G, 2 * inter, H).transpose(1, 2)  # [G, H, 2I]
+    down = pool[:, 2 * inter * H :].view(G, H, inter).transpose(1, 2)  # [G, I, H]
+    h = torch._grouped_mm(x_rows, gate_up, offs=offs)  # [N, 2I]
+    h = F.silu(h[:, :inter]) * h[:, inter:]  # [N, I]
+    return torch._grouped_mm(h, down, offs=offs)  # [N, H]
+
+
+def grouped_mm_supported(hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether torch's grouped GEMM takes these shapes (16-byte aligned rows) on this device."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    elem = torch.empty((), dtype=dtype).element_size()
+    if (hidden * elem) % 16 or (inter * elem) % 16:
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return dtype in (torch.float32, torch.bfloat16)
+
+
 class ExpertBackend(Protocol):
     """Computes the routed experts of one MoE layer: returns one output row per assignment."""
+
+    needs_host_plan: bool  # whether compute() needs plan.expert_ids (the routing sync)
 
     def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
         """Fill out_rows[r] (sorted assignment rows, [T*K, H]) with expert(x[token of r])."""
@@ -124,7 +169,9 @@ class MoEBlock(nn.Module):
         topk_ids, topk_weights = self.route(x)
         if self.routing_hook is not None:
             topk_ids, topk_weights = self.routing_hook(self.layer_id, topk_ids, topk_weights)
-        plan = sync_routed_experts(self.layer_id, topk_ids, self.num_experts)
+        plan = plan_routing(
+            self.layer_id, topk_ids, self.num_experts, sync=self.backend.needs_host_plan
+        )
         sorted_rows = torch.empty(T * self.top_k, H, dtype=x.dtype, device=x.device)
         self.backend.compute(x, plan, sorted_rows)
         rows = torch.empty_like(sorted_rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from duoserve.config import ModelConfig
-from duoserve.layers.moe import RoutingPlan
+from duoserve.layers.moe import RoutingPlan, grouped_expert_mlp, grouped_mm_supported
 from duoserve.offload.expert_cache import ExpertCache
 from duoserve.offload.host_store import HostExpertStore
 from duoserve.offload.resident import compute_expert_rows
@@ -40,6 +40,12 @@ class CachedExperts:
         )
         self.transfer = TransferEngine(num_slots, device)
         self.access_log: list[tuple[int, tuple[int, ...]]] | None = [] if record_trace else None
+        self.grouped = grouped_mm_supported(
+            cfg.hidden_size, cfg.moe_intermediate_size, store.dtype, device
+        )
+        self.device = device
+
+    needs_host_plan = True  # misses must be known on the host to be copied
 
     def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
         wave = self.cache.num_slots
@@ -58,14 +64,40 @@ class CachedExperts:
         for s in slots:  # issue every miss before any compute
             if not s.is_hit:
                 self.transfer.copy_in(s.slot, self.store.expert(*s.key), self.cache.slots[s.slot])
-        ordered = sorted(js, key=lambda j: not by_expert[plan.expert_ids[j]].is_hit)  # hits first
-        for j in ordered:
-            s = by_expert[plan.expert_ids[j]]
+        if self.grouped:
+            self._grouped_wave(x, plan, js, slots, out_rows)
+        else:
+            ordered = sorted(js, key=lambda j: not by_expert[plan.expert_ids[j]].is_hit)
+            for j in ordered:  # hits first: they compute while the misses land
+                s = by_expert[plan.expert_ids[j]]
+                if not s.is_hit:
+                    self.transfer.wait_ready(s.slot)
+                compute_expert_rows(x, plan, j, self.cache.slots[s.slot], inter, out_rows)
+                self.transfer.mark_read(s.slot)
+        self.cache.release(slots)
+
+    def _grouped_wave(self, x, plan: RoutingPlan, js: range, slots, out_rows) -> None:
+        """All experts of the wave in one grouped GEMM over the slot pool, once misses landed."""
+        # NOTE: one kernel reads every slot of the wave, so it waits for every miss; at decode
+        # the hits' compute is tiny next to a copy, and prefill overlaps through its pipeline.
+        for s in slots:
             if not s.is_hit:
                 self.transfer.wait_ready(s.slot)
-            compute_expert_rows(x, plan, j, self.cache.slots[s.slot], inter, out_rows)
+        offsets = plan.row_offsets
+        lo, hi = offsets[js[0]], offsets[js[-1] + 1]
+        lut = [0] * self.cfg.num_experts
+        for s in slots:
+            lut[s.key[1]] = s.slot
+        lut_dev = torch.tensor(lut, dtype=torch.long, device=self.device)
+        slot_of_row = lut_dev[plan.expert_of_row_dev[lo:hi]]  # [n]
+        perm = torch.argsort(slot_of_row, stable=True)
+        x_rows = x[plan.token_rows_dev[lo:hi][perm]]
+        y = grouped_expert_mlp(
+            x_rows, self.cache.slots, slot_of_row[perm], self.cfg.moe_intermediate_size
+        )
+        out_rows[lo + perm] = y
+        for s in slots:
             self.transfer.mark_read(s.slot)
-        self.cache.release(slots)
 
     def stats(self) -> dict[str, float]:
         t = self.transfer.resolve()
@@ -93,6 +125,7 @@ class OnDemandExperts:
     """
 
     name = "ondemand"
+    needs_host_plan = True
 
     def __init__(self, cfg: ModelConfig, store: HostExpertStore, device: torch.device) -> None:
         self.cfg = cfg

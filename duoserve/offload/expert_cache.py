@@ -107,7 +107,7 @@ class ExpertCache:
         return out
 
     def prefetch(self, key: ExpertKey) -> Slot | None:
-        """Make `key` resident without an access (for a predictor); None when nothing is evictable."""
+        """Make `key` resident without an access (a prefetch); None if nothing is evictable."""
         if key in self.slot_of:
             return None
         if not self.free and not self._candidates():

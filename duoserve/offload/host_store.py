@@ -42,7 +42,8 @@ class HostExpertStore:
         """Allocate (and pin) the blocks, then fill them expert by expert from `source`."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        desc = f"experts -> {'pinned ' if self.is_pinned else ''}host ({self.num_bytes / 2**30:.1f} GiB)"
+        where = "pinned host" if self.is_pinned else "host"
+        desc = f"experts -> {where} ({self.num_bytes / 2**30:.1f} GiB)"
         bar = tqdm(
             total=cfg.num_moe_layers * cfg.num_experts,
             desc=desc,

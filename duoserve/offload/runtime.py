@@ -27,7 +27,11 @@ def resolve_policy(engine: EngineConfig) -> str:
 
 
 def plan_for(
-    cfg: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig,
+    engine: EngineConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    verbose: bool = True,
 ) -> MemoryPlan | None:
     """The memory plan (printed), or None when no budget was given."""
     if engine.gpu_memory_budget is None:
@@ -38,7 +42,8 @@ def plan_for(
     )
     if policy == "ondemand":
         plan = MemoryPlan(**{**plan.__dict__, "num_expert_slots": 1})
-    print(f"[duoserve] memory plan ({policy}, {device}):\n{plan.table()}", file=sys.stderr)
+    if verbose:
+        print(f"[duoserve] memory plan ({policy}, {device}):\n{plan.table()}", file=sys.stderr)
     return plan
 
 
@@ -50,16 +55,26 @@ def build_expert_runtime(
     device: torch.device,
     dtype: torch.dtype,
     plan: MemoryPlan | None,
+    store: HostExpertStore | None = None,
 ):
-    """Load every expert into the backend the policy names and attach it to the MoE blocks."""
+    """Build the backend the policy names and attach it to the MoE blocks.
+
+    Offloading policies read experts from `store` (built from `source` when None);
+    full-gpu copies them from the store when there is one, else from `source`.
+    Returns (backend, store).
+    """
     policy = resolve_policy(engine)
     staging = getattr(source, "device", "cpu")
     if policy == "full-gpu":
         backend = ResidentExperts(cfg, device, dtype)
-        backend.load(source, staging)
+        if store is not None:
+            backend.load_from_store(store)
+        else:
+            backend.load(source, staging)
     else:
-        store = HostExpertStore(cfg, dtype, pin=device.type == "cuda")
-        store.load(source, staging)
+        if store is None:
+            store = HostExpertStore(cfg, dtype, pin=device.type == "cuda")
+            store.load(source, staging)
         assert plan is not None, f"policy {policy} needs --gpu-memory-budget"
         if policy == "ondemand":
             backend = OnDemandExperts(cfg, store, device)
@@ -67,4 +82,4 @@ def build_expert_runtime(
             backend = CachedExperts(cfg, store, plan.num_expert_slots, policy, device)
     for block in model.moe_blocks():
         block.backend = backend
-    return backend
+    return backend, store
