@@ -55,9 +55,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+FALLBACK_DEFAULT_MODEL = "synthetic:olmoe-1b-7b:tiny"
+
+
 def default_model_path() -> str:
-    """The built-in default model shipped in the package."""
-    return str(Path(__file__).resolve().parent.parent / "assets" / "default-model")
+    """The built-in default model shipped in the package (a tiny synthetic one until then)."""
+    path = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+    return str(path) if (path / "config.json").is_file() else FALLBACK_DEFAULT_MODEL
 
 
 class LLMEngine:
