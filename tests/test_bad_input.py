@@ -102,7 +102,7 @@ def test_unused_tensor_is_reported(model_copy):
     tensors["model.extra.weight"] = torch.zeros(2)
     save_file(tensors, f, metadata={"format": "pt"})
     (model_copy / "model.safetensors.index.json").unlink()
-    with pytest.raises(CheckpointError, match="does not use: model.extra.weight"):
+    with pytest.raises(CheckpointError, match=r"does not use: model\.extra\.weight"):
         LLM(str(model_copy), device="cpu")
 
 
