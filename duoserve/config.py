@@ -290,6 +290,7 @@ class EngineConfig:
     )
     policy: str = _opt("auto", "expert policy: full-gpu, ondemand, lru, lfu, or auto")
     synthetic_seed: int = _opt(0, "seed of synthetic (random) weights")
+    enforce_eager: int = _opt(0, "1: never capture CUDA graphs for decode")
 
     def __post_init__(self) -> None:
         if self.max_model_len <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

@@ -122,3 +122,26 @@ def test_cli_generate_and_synth(tmp_path, capsys):
     assert rc == 0
     assert "3 tokens" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+
+
+def test_static_kv_length_decode_equals_dynamic(hf_checkpoints):
+    """What a captured decode graph computes (attention over all cache rows, masked)."""
+    import torch
+
+    from duoserve.engine.context import step_context
+
+    path, _ = hf_checkpoints["mixtral"]  # sliding window: the mask must also hold it
+    llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=64)
+    engine = llm.engine
+    slots = [engine.kv.allocate_slot() for _ in PROMPTS]
+    engine.runner.forward("prefill", PROMPTS, slots, [0] * len(PROMPTS))
+    starts = [len(p) for p in PROMPTS]
+    last = [[p[-1]] for p in PROMPTS]
+    dynamic = engine.runner.forward("decode", last, slots, starts)
+    ctx = engine.runner._context("decode", slots, starts, [1] * len(PROMPTS))
+    ctx.static_kv_len = engine.kv.max_len
+    with step_context(ctx), torch.inference_mode():
+        ids = torch.tensor([t[0] for t in last])
+        rows = torch.arange(len(PROMPTS))
+        static = engine.model(ids, ctx.positions_dev, engine.kv, rows)
+    assert torch.allclose(static, dynamic, atol=1e-5, rtol=0)

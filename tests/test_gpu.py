@@ -86,3 +86,14 @@ def test_peak_memory_within_budget_full_size_olmoe():
             peak = torch.cuda.max_memory_reserved() / 2**30
             print(f"budget {budget} GiB {policy}: peak reserved {peak:.3f} GiB")
             assert peak <= budget, (budget, policy, peak)
+
+
+def test_cuda_graph_decode_equals_eager(hf_checkpoints):
+    path, _ = hf_checkpoints["qwen3_moe"]
+    graphed = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=64)
+    eager = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=64, enforce_eager=1)
+    assert graphed.engine.runner.graphs is not None and eager.engine.runner.graphs is None
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        want = [o.output_token_ids for o in eager.generate(prompts, GREEDY)]
+        assert [o.output_token_ids for o in graphed.generate(prompts, GREEDY)] == want
+    assert sorted(graphed.engine.runner.graphs.graphs) == [1, 3]

@@ -40,6 +40,8 @@ def bench_arch(arch: str, scale: str, prompt_len: int, max_tokens: int, device: 
     prompt = random_prompt(engine.model_config.vocab_size, prompt_len)
     run_generation(engine, random_prompt(engine.model_config.vocab_size, prompt_len, 1), 4)
     ours = run_generation(engine, prompt, max_tokens)
+    engine.runner.enable_cuda_graphs(False)
+    eager = run_generation(engine, prompt, max_tokens)
     peak = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
     del engine
     gc.collect()
@@ -59,7 +61,12 @@ def bench_arch(arch: str, scale: str, prompt_len: int, max_tokens: int, device: 
             break
         same += 1
     rows = []
-    for system, r in (("duoserve full-gpu", ours), ("transformers generate", hf)):
+    systems = (
+        ("duoserve full-gpu", ours),
+        ("duoserve full-gpu eager", eager),
+        ("transformers generate", hf),
+    )
+    for system, r in systems:
         row = {k: v for k, v in r.items() if k != "output_token_ids"}
         rows.append(
             {

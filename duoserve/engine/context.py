@@ -25,6 +25,7 @@ class StepContext:
     token_slots_dev: torch.Tensor  # [T] int64
     seq_lens_dev: torch.Tensor | None = None  # [B] int64, decode only
     slot_ids_dev: torch.Tensor | None = None  # [B] int64, decode only
+    static_kv_len: int | None = None  # decode attends over this many cache rows (CUDA graphs)
     stats: dict[str, float] = field(default_factory=dict)
 
     @property

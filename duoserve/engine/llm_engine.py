@@ -96,6 +96,7 @@ class LLMEngine:
         self.kv = KVCache(cfg, config.max_num_seqs, self.max_model_len, self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.runner.enable_cuda_graphs(not config.enforce_eager)
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
@@ -128,6 +129,8 @@ class LLMEngine:
             self.memory_plan,
             self.host_store,
         )
+        if hasattr(self, "runner"):
+            self.runner.enable_cuda_graphs(not self.config.enforce_eager)
 
     # ------------------------------------------------------------------ requests
 

@@ -81,7 +81,7 @@ class Attention(nn.Module):
 
     def _decode_attention(self, q: torch.Tensor, kv: KVCache, ctx) -> torch.Tensor:
         """All sequences at once, one query each, keys padded to the longest sequence."""
-        max_len = int(max(s + 1 for s in ctx.start_positions))
+        max_len = ctx.static_kv_len or int(max(s + 1 for s in ctx.start_positions))
         k = kv.keys[self.layer_id][ctx.slot_ids_dev, :, :max_len]  # [B, KVH, L, D]
         v = kv.values[self.layer_id][ctx.slot_ids_dev, :, :max_len]
         k_pos = torch.arange(max_len, device=q.device)[None, :]  # [1, L]
