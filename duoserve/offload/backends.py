@@ -77,25 +77,33 @@ class CachedExperts:
         self.cache.release(slots)
 
     def _grouped_wave(self, x, plan: RoutingPlan, js: range, slots, out_rows) -> None:
-        """All experts of the wave in one grouped GEMM over the slot pool, once misses landed."""
-        # NOTE: one kernel reads every slot of the wave, so it waits for every miss; at decode
-        # the hits' compute is tiny next to a copy, and prefill overlaps through its pipeline.
-        for s in slots:
-            if not s.is_hit:
-                self.transfer.wait_ready(s.slot)
+        """The wave's hits in one grouped GEMM over the slot pool while its misses land, then
+        the misses in a second one once their ready events fired."""
+        S, inter = self.cache.num_slots, self.cfg.moe_intermediate_size
         offsets = plan.row_offsets
         lo, hi = offsets[js[0]], offsets[js[-1] + 1]
-        lut = [0] * self.cfg.num_experts
-        for s in slots:
-            lut[s.key[1]] = s.slot
-        lut_dev = torch.tensor(lut, dtype=torch.long, device=self.device)
-        slot_of_row = lut_dev[plan.expert_of_row_dev[lo:hi]]  # [n]
-        perm = torch.argsort(slot_of_row, stable=True)
-        x_rows = x[plan.token_rows_dev[lo:hi][perm]]
-        y = grouped_expert_mlp(
-            x_rows, self.cache.slots, slot_of_row[perm], self.cfg.moe_intermediate_size
-        )
-        out_rows[lo + perm] = y
+        key_of_expert = [0] * self.cfg.num_experts  # slot, plus S for misses: hits sort first
+        num_hit_rows = 0
+        for j, s in zip(js, slots):
+            key_of_expert[s.key[1]] = s.slot + (0 if s.is_hit else S)
+            num_hit_rows += plan.token_counts[j] if s.is_hit else 0
+        keys = torch.tensor(key_of_expert, dtype=torch.long, device=self.device)
+        key_of_row = keys[plan.expert_of_row_dev[lo:hi]]  # [n]
+        perm = torch.argsort(key_of_row, stable=True)
+        slot_of_row = key_of_row[perm] % S
+        token_rows = plan.token_rows_dev[lo:hi][perm]
+        for part, is_miss in (
+            (slice(0, num_hit_rows), False),
+            (slice(num_hit_rows, hi - lo), True),
+        ):
+            if part.stop == part.start:
+                continue
+            if is_miss:
+                for s in slots:
+                    if not s.is_hit:
+                        self.transfer.wait_ready(s.slot)
+            y = grouped_expert_mlp(x[token_rows[part]], self.cache.slots, slot_of_row[part], inter)
+            out_rows[lo + perm[part]] = y
         for s in slots:
             self.transfer.mark_read(s.slot)
 
