@@ -1,1 +1,1 @@
-
+"""The OpenAI-compatible HTTP server: app, engine thread bridge, metrics, CLI (docs/serving.md)."""
