@@ -125,3 +125,14 @@ def test_planner_splits_budget_and_prints_table(hf_checkpoints, capsys):
     )
     assert llm.engine.experts.cache.num_slots == plan.num_expert_slots
     assert "expert slots" in capsys.readouterr().err
+
+
+def test_large_slot_pool_uses_windows_of_groups():
+    """More slots than one grouped GEMM takes (1024): rows are split by slot window."""
+    kw = dict(device="cpu", max_model_len=48, max_num_seqs=2, max_num_batched_tokens=48)
+    prompts = [[256, 1, 2, 3, 4, 5, 6, 7, 8], [256, 9, 10]]
+    resident = LLM("synthetic:qwen3-30b-a3b:tiny", **kw)
+    want = [o.output_token_ids for o in resident.generate(prompts, GREEDY)]
+    llm = LLM("synthetic:qwen3-30b-a3b:tiny", policy="lru", gpu_memory_budget=0.02, **kw)
+    assert llm.engine.experts.cache.num_slots > 2048
+    assert [o.output_token_ids for o in llm.generate(prompts, GREEDY)] == want

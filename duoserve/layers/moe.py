@@ -55,11 +55,20 @@ def plan_routing(
     K = topk_ids.shape[1]
     flat = topk_ids.flatten()  # [T*K]
     order = torch.argsort(flat, stable=True)
-    counts_dev = torch.bincount(flat, minlength=num_experts)
+    counts_dev = count_groups(flat, num_experts)
     plan = RoutingPlan(layer_id, order, order // K, flat[order], counts_dev)
     if sync:
         sync_routed_experts(plan)
     return plan
+
+
+def count_groups(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """How many entries of `group_ids` fall in each group, [G] int64, without a host sync.
+
+    (torch.bincount syncs on CUDA to size its output; a scatter-add of fixed size does not.)
+    """
+    counts = torch.zeros(num_groups, dtype=torch.long, device=group_ids.device)
+    return counts.scatter_add_(0, group_ids, torch.ones_like(group_ids))
 
 
 def sync_routed_experts(plan: RoutingPlan) -> None:
@@ -82,6 +91,9 @@ def expert_mlp(x: torch.Tensor, weights: torch.Tensor, inter: int) -> torch.Tens
     return F.linear(F.silu(gate) * up, down)
 
 
+MAX_GROUPS = 1024  # torch._grouped_mm's limit on the number of groups
+
+
 def grouped_expert_mlp(
     x_rows: torch.Tensor, pool: torch.Tensor, group_of_row: torch.Tensor, inter: int
 ) -> torch.Tensor:
@@ -92,7 +104,8 @@ def grouped_expert_mlp(
     """
     # N rows, G groups, H hidden, I intermediate
     G, H = pool.shape[0], x_rows.shape[1]
-    offs = torch.cumsum(torch.bincount(group_of_row, minlength=G), 0).to(torch.int32)  # [G]
+    assert G <= MAX_GROUPS, f"grouped GEMM takes at most {MAX_GROUPS} groups, got {G}"
+    offs = torch.cumsum(count_groups(group_of_row, G), 0).to(torch.int32)  # [G]
     gate_up = pool[:, : 2 * inter * H].view(G, 2 * inter, H).transpose(1, 2)  # [G, H, 2I]
     down = pool[:, 2 * inter * H :].view(G, H, inter).transpose(1, 2)  # [G, I, H]
     h = torch._grouped_mm(x_rows, gate_up, offs=offs)  # [N, 2I]

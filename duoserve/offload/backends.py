@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 
 from duoserve.config import ModelConfig
-from duoserve.layers.moe import RoutingPlan, grouped_expert_mlp, grouped_mm_supported
+from duoserve.layers.moe import (
+    MAX_GROUPS,
+    RoutingPlan,
+    grouped_expert_mlp,
+    grouped_mm_supported,
+)
 from duoserve.offload.expert_cache import ExpertCache
 from duoserve.offload.host_store import HostExpertStore
 from duoserve.offload.resident import compute_expert_rows
@@ -77,33 +82,32 @@ class CachedExperts:
         self.cache.release(slots)
 
     def _grouped_wave(self, x, plan: RoutingPlan, js: range, slots, out_rows) -> None:
-        """The wave's hits in one grouped GEMM over the slot pool while its misses land, then
-        the misses in a second one once their ready events fired."""
+        """The wave's hits in grouped GEMMs over the slot pool while its misses land, then the
+        misses once their ready events fired (one GEMM per window of MAX_GROUPS slots)."""
         S, inter = self.cache.num_slots, self.cfg.moe_intermediate_size
         offsets = plan.row_offsets
         lo, hi = offsets[js[0]], offsets[js[-1] + 1]
         key_of_expert = [0] * self.cfg.num_experts  # slot, plus S for misses: hits sort first
-        num_hit_rows = 0
+        entries = []
         for j, s in zip(js, slots):
             key_of_expert[s.key[1]] = s.slot + (0 if s.is_hit else S)
-            num_hit_rows += plan.token_counts[j] if s.is_hit else 0
+            entries.append((key_of_expert[s.key[1]], plan.token_counts[j]))
         keys = torch.tensor(key_of_expert, dtype=torch.long, device=self.device)
         key_of_row = keys[plan.expert_of_row_dev[lo:hi]]  # [n]
         perm = torch.argsort(key_of_row, stable=True)
         slot_of_row = key_of_row[perm] % S
         token_rows = plan.token_rows_dev[lo:hi][perm]
-        for part, is_miss in (
-            (slice(0, num_hit_rows), False),
-            (slice(num_hit_rows, hi - lo), True),
-        ):
-            if part.stop == part.start:
-                continue
-            if is_miss:
+        waited = False
+        for is_miss, window, a, b in _row_ranges(sorted(entries), S):
+            if is_miss and not waited:
                 for s in slots:
                     if not s.is_hit:
                         self.transfer.wait_ready(s.slot)
-            y = grouped_expert_mlp(x[token_rows[part]], self.cache.slots, slot_of_row[part], inter)
-            out_rows[lo + perm[part]] = y
+                waited = True
+            base = window * MAX_GROUPS
+            pool = self.cache.slots[base : base + MAX_GROUPS]
+            y = grouped_expert_mlp(x[token_rows[a:b]], pool, slot_of_row[a:b] - base, inter)
+            out_rows[lo + perm[a:b]] = y
         for s in slots:
             self.transfer.mark_read(s.slot)
 
@@ -123,6 +127,20 @@ class CachedExperts:
             "prefetch_hits": c.prefetch_hits,
             "prefetch_unused": c.prefetch_unused,
         }
+
+
+def _row_ranges(entries: list[tuple[int, int]], num_slots: int) -> list[list]:
+    """[is_miss, window, first row, end row] runs of rows sorted by key (slot, + S if miss)."""
+    ranges: list[list] = []
+    pos = 0
+    for key, n in entries:
+        is_miss, window = key >= num_slots, (key % num_slots) // MAX_GROUPS
+        if ranges and ranges[-1][0] == is_miss and ranges[-1][1] == window:
+            ranges[-1][3] += n
+        else:
+            ranges.append([is_miss, window, pos, pos + n])
+        pos += n
+    return ranges
 
 
 class OnDemandExperts:
