@@ -1,0 +1,300 @@
+"""Int4 expert kernels on the GPU: correctness vs the torch reference, speed vs the HBM roofline.
+
+    python -m duoserve.bench.int4_kernels --out int4_kernels.json
+
+For the Mixtral (H=4096, I=14336) and Qwen3-30B-A3B (H=2048, I=768) expert shapes: decode
+(T = 1, 4, 16) times every candidate config of the fused kernels (gate/up + silu, down) with
+triton.testing.do_bench (median, L2 flushed), next to the roofline (bytes read / measured HBM
+bandwidth) and the bf16 cuBLAS matmul of the same shape; prefill (T = 512) times dequant-to-bf16
+against the bf16 expert compute. Outputs are poisoned with NaN and checked against fp32
+references on fresh random inputs. A failing configuration is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from duoserve.quant.int4 import dequantize_int4, quantize_expert_int4
+from duoserve.quant.triton_kernels import (
+    KernelConfig,
+    candidate_configs,
+    dequantize_int4_into,
+    int4_gate_up_silu,
+    int4_linear,
+    sweep_configs,
+)
+
+SHAPES = {"mixtral": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}
+DECODE_TOKENS = (1, 4, 16)
+PREFILL_TOKENS = 512
+MAX_REL_ERR = 1e-2
+
+
+def _bench(fn) -> float:
+    """Median milliseconds of fn (triton.testing.do_bench flushes L2 between calls)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def measure_hbm_gbps(device: torch.device) -> float:
+    """Device-to-device copy of 2 GiB: (read + write bytes) / time."""
+    src = torch.empty(1 << 30, dtype=torch.int16, device=device)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def measure_h2d_gbps(device: torch.device) -> float:
+    """Pinned host -> device copy of 256 MiB (the PCIe link the experts cross)."""
+    host = torch.empty(128 << 20, dtype=torch.int16, pin_memory=True)
+    dev = torch.empty(host.shape, dtype=host.dtype, device=device)
+    ms = _bench(lambda: dev.copy_(host, non_blocking=True))
+    return host.numel() * host.element_size() / ms / 1e6
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base) -> float:
+    # one config: poisoned output, correctness vs ref, then the median time; recorded in rows
+    fn = int4_gate_up_silu if fused else int4_linear
+    row = dict(base, kernel=cfg.kernel, config=dataclasses.asdict(cfg))
+    rows.append(row)
+    try:
+        out = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=x.device)
+        fn(x, *w, group, out=out, config=cfg)
+        torch.cuda.synchronize()
+        err = _rel(out, ref) if not out.isnan().any() else float("nan")
+        ms = _bench(lambda: fn(x, *w, group, out=out, config=cfg))
+    except Exception as e:  # one failing config must not stop the run
+        row["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc(limit=2)
+        raise
+    row.update(rel_err=err, ok=bool(err < MAX_REL_ERR), time_us=ms * 1e3)
+    row["pct_roofline"] = 100 * row["roofline_us"] / row["time_us"]
+    if not row["ok"]:
+        raise ValueError(f"{cfg}: relative error {err:.2e}")  # not eligible as the best
+    return ms
+
+
+def bench_decode_op(op, x, w, group, w_bf16, ref, bw_gbps) -> list[dict]:
+    """Every candidate config of every applicable kernel (then split sweeps) for one op."""
+    # T tokens; op "gate_up" (fused silu * up, w [2I, H]) or "down" (w [H, I])
+    fused, t = op == "gate_up", x.shape[0]
+    n_out = w[0].shape[0] // 2 if fused else w[0].shape[0]
+    roof_us = (_nbytes(*w) + _nbytes(x) + t * n_out * 2) / bw_gbps / 1e3
+    base = dict(op=op, tokens=t, roofline_us=roof_us)
+    rows = []
+    for kind in ["gemv", "mma"] if t == 1 else ["mma"]:  # gemv costs ~T FMAs per weight
+        sweep_configs(
+            kind, lambda cfg: _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base)
+        )
+    cublas_us = _bench(lambda: x @ w_bf16.T) * 1e3
+    bf16_roof_us = (_nbytes(w_bf16) + _nbytes(x)) / bw_gbps / 1e3
+    for row in rows:
+        row.update(
+            cublas_bf16_us=cublas_us, cublas_bf16_pct_roofline=100 * bf16_roof_us / cublas_us
+        )
+    return rows
+
+
+def _expert(name: str, device: torch.device):
+    # bf16 expert -> int4 buffer (RTN on the GPU) + fp32 dequantized / bf16 weights for references
+    h, i = SHAPES[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    mats = [
+        torch.randn(r, c, generator=gen, device=device) * 0.02 for r, c in ((i, h), (i, h), (h, i))
+    ]
+    buffer, layout = quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    w_gu = dequantize_int4(*gate_up, 128, dtype=torch.float32)  # [2I, H]
+    w_d = dequantize_int4(*down, 128, dtype=torch.float32)  # [H, I]
+    return layout, gate_up, down, w_gu, w_d
+
+
+def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, dict]:
+    """Decode rows for every token count, and the prefill summary, for one expert shape."""
+    # T tokens, H hidden, I intermediate
+    layout, gate_up, down, w_gu, w_d = _expert(name, device)
+    rows = []
+    for t in DECODE_TOKENS:
+        print(f"{name}: decode T={t}", flush=True)
+        x = torch.randn(t, layout.hidden_size, device=device).bfloat16()
+        gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
+        act = (F.silu(gate) * up).bfloat16()  # [T, I]
+        for op, inp, w, w_ref in (("gate_up", x, gate_up, w_gu), ("down", act, down, w_d)):
+            ref = F.silu(gate) * up if op == "gate_up" else act.float() @ w_d.T
+            for row in bench_decode_op(op, inp, w, 128, w_ref.bfloat16(), ref, bw_gbps):
+                rows.append(dict(shape=name, **row))
+    print(f"{name}: prefill T={PREFILL_TOKENS}", flush=True)
+    prefill = bench_prefill(layout, gate_up, down, w_gu, w_d, bw_gbps)
+    return rows, dict(shape=name, **prefill)
+
+
+def bench_prefill(layout, gate_up, down, w_gu, w_d, bw_gbps) -> dict:
+    """Dequant (best config) vs the bf16 expert compute at PREFILL_TOKENS tokens."""
+    h, i = layout.hidden_size, layout.intermediate_size
+    device = w_gu.device
+    x = torch.randn(PREFILL_TOKENS, h, device=device).bfloat16()
+    wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
+
+    def expert_bf16():
+        g, u = (x @ wgu_bf16.T).chunk(2, dim=1)
+        return (F.silu(g) * u) @ wd_bf16.T
+
+    compute_ms = _bench(expert_bf16)
+    scratch_gu = torch.empty(2 * i, h, dtype=torch.bfloat16, device=device)
+    scratch_d = torch.empty(h, i, dtype=torch.bfloat16, device=device)
+    best, configs = None, []
+    for cfg in candidate_configs("dequant"):
+        row = dict(config=dataclasses.asdict(cfg))
+        try:
+            scratch_gu.fill_(float("nan"))
+            scratch_d.fill_(float("nan"))
+            dequantize_int4_into(*gate_up, 128, scratch_gu, config=cfg)
+            dequantize_int4_into(*down, 128, scratch_d, config=cfg)
+            exact = torch.equal(scratch_gu, wgu_bf16) and torch.equal(scratch_d, wd_bf16)
+            ms = _bench(
+                lambda cfg=cfg: (
+                    dequantize_int4_into(*gate_up, 128, scratch_gu, config=cfg),
+                    dequantize_int4_into(*down, 128, scratch_d, config=cfg),
+                )
+            )
+            row.update(time_us=ms * 1e3, bit_exact=exact)
+            if exact and (best is None or ms < best):
+                best = ms
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc(limit=2)
+        configs.append(row)
+    fused_us = _bench_fused_prefill(x, gate_up, down, expert_bf16())
+    int4_bytes = _nbytes(*gate_up, *down)
+    roof_us = (int4_bytes + 2 * 3 * h * i) / bw_gbps / 1e3  # read int4, write bf16
+    return dict(
+        tokens=PREFILL_TOKENS,
+        expert_bf16_compute_us=compute_ms * 1e3,
+        dequant_best_us=None if best is None else best * 1e3,
+        dequant_roofline_us=roof_us,
+        dequant_pct_of_compute=None if best is None else 100 * best / compute_ms,
+        fused_mma_expert_us=fused_us,
+        expert_int4_bytes=int4_bytes,
+        configs=configs,
+    )
+
+
+def _bench_fused_prefill(x, gate_up, down, ref) -> float | None:
+    # alternative to dequant + cuBLAS: the mma kernel with 64-token tiles, weights read per tile
+    cfg = KernelConfig("mma", 128, 8, 3, unroll=1, split_k=1, block_t=64)
+    try:
+        act = int4_gate_up_silu(x, *gate_up, 128, config=cfg)
+        out = int4_linear(act, *down, 128, config=cfg)
+        if not _rel(out, ref) < MAX_REL_ERR:
+            print(f"fused prefill: rel err {_rel(out, ref):.2e}")
+            return None
+
+        def run():
+            return int4_linear(
+                int4_gate_up_silu(x, *gate_up, 128, config=cfg), *down, 128, config=cfg
+            )
+
+        return _bench(run) * 1e3
+    except Exception:
+        traceback.print_exc(limit=2)
+        return None
+
+
+def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -> None:
+    """Best config per (shape, tokens, op), then the prefill summary."""
+    print(f"\nHBM (d2d copy) {bw:.0f} GB/s, pinned H2D {h2d:.1f} GB/s")
+    hdr = f"{'shape':14s} {'T':>3s} {'op':8s} {'best':>22s} {'us':>8s} {'roof us':>8s}"
+    print(hdr + f" {'%roof':>6s} {'bf16 us':>8s} {'x bf16':>7s} {'rel err':>8s}")
+    order = {name: i for i, name in enumerate(SHAPES)}
+    keys = sorted(
+        {(r["shape"], r["tokens"], r["op"]) for r in rows}, key=lambda k: (order[k[0]], k[1:])
+    )
+    for key in keys:
+        ok = [r for r in rows if (r["shape"], r["tokens"], r["op"]) == key and r.get("ok")]
+        bad = sum(1 for r in rows if (r["shape"], r["tokens"], r["op"]) == key and not r.get("ok"))
+        if not ok:
+            print(f"{key[0]:14s} {key[1]:3d} {key[2]:8s} no passing config ({bad} failed)")
+            continue
+        b = min(ok, key=lambda r: r["time_us"])
+        c = b["config"]
+        name = f"{b['kernel']} n{c['block_n']} w{c['num_warps']} u{c['unroll']} k{c['split_k']}"
+        print(
+            f"{key[0]:14s} {key[1]:3d} {key[2]:8s} {name:>22s} {b['time_us']:8.1f} "
+            f"{b['roofline_us']:8.1f} {b['pct_roofline']:6.1f} {b['cublas_bf16_us']:8.1f} "
+            f"{b['cublas_bf16_us'] / b['time_us']:7.2f} {b['rel_err']:8.1e}"
+            + (f"  ({bad} configs failed)" if bad else "")
+        )
+    for p in prefill:
+        deq = p["dequant_best_us"]
+        print(
+            f"prefill {p['shape']} T={p['tokens']}: bf16 expert compute "
+            f"{p['expert_bf16_compute_us']:.1f} us, dequant "
+            + ("FAILED" if deq is None else f"{deq:.1f} us = {p['dequant_pct_of_compute']:.1f}%")
+            + f" of compute (dequant roofline {p['dequant_roofline_us']:.1f} us); fused mma "
+            + (
+                "FAILED"
+                if p["fused_mma_expert_us"] is None
+                else f"{p['fused_mma_expert_us']:.1f} us"
+            )
+        )
+
+
+def main() -> None:
+    """Run every shape, print tables, write JSON to --out."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="int4_kernels.json", help="JSON results path")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
+    args = parser.parse_args()
+    import triton
+
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
+    start = time.time()
+    bw, h2d = measure_hbm_gbps(device), measure_h2d_gbps(device)
+    rows, prefill, failures = [], [], []
+    for name in args.shapes.split(","):
+        try:
+            shape_rows, shape_prefill = bench_shape(name, device, bw)
+            rows += shape_rows
+            prefill.append(shape_prefill)
+        except Exception as e:
+            failures.append(dict(shape=name, error=f"{type(e).__name__}: {e}"))
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    print_tables(rows, prefill, bw, h2d)
+    result = dict(
+        device=torch.cuda.get_device_name(device),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        hbm_gbps=bw,
+        h2d_pinned_gbps=h2d,
+        decode=rows,
+        prefill=prefill,
+        failures=failures,
+        seconds=time.time() - start,
+    )
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out} ({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

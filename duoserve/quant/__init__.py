@@ -1,0 +1,1 @@
+"""4-bit expert weights: the int4 format, checkpoint conversion, and GPU kernels."""

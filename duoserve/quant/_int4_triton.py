@@ -1,0 +1,290 @@
+"""Triton kernels for int4 experts; imported lazily by duoserve.quant.triton_kernels.
+
+Format: duoserve/quant/int4.py. Shapes: N weight rows, K input, T tokens, W = GROUP / 8 words
+per group. Every kernel walks K one group at a time (UNROLL groups per loop step) and loads a
+group's words as [BN, W, 1] so a thread keeps whole words and their 8 nibbles in registers.
+
+Dequantization without int->float conversions (I2F runs at a quarter of the FMA rate): nibble j
+is masked *in place* and OR-ed into the bits of 2^23, giving the float 2^23 + q * 2^pos (pos < 20,
+so exact); one subtraction of 2^23 + z * 2^pos gives (q - z) * 2^pos exactly, and 2^-pos is
+folded into x or the scale. Per weight: one LOP3, one FADD, one FFMA (plus a shift per word).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when decorated
+MAGIC = 0x4B000000  # bits of 2^23 as fp32
+# NOTE: triton 3.6's interpreter truncates fp32 -> bf16; emulate round-to-nearest-even there.
+_EMULATE_BF16_RNE = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    # fp32 -> dtype, round to nearest even
+    if dtype == tl.bfloat16:  # noqa: SIM102 (nested constexpr ifs compile everywhere)
+        if _EMULATE_BF16_RNE:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    if dtype != tl.float32:
+        x = x.to(dtype)
+    return x
+
+
+@triton.jit
+def _nibble_consts():
+    # nibble j: nibbles 0..4 stay in place (pos 4j), 5..7 are shifted right by 12 (pos 4j - 12);
+    # masks never start at bit 0 after a shift, so no bitfield-extract sequence is generated
+    j = tl.arange(0, 8)
+    shift = tl.where(j < 5, 0, 12)
+    pos = j * 4 - shift
+    mult = ((127 + pos) << 23).to(tl.float32, bitcast=True)  # 2^pos
+    inv = ((127 - pos) << 23).to(tl.float32, bitcast=True)  # 2^-pos
+    return shift.to(tl.uint32), (15 << pos).to(tl.uint32), mult, inv
+
+
+@triton.jit
+def _load_words(q_ptr, rows, gi, K, GROUP: tl.constexpr):
+    # rows [BN] -> int32 [BN, W, 1], the words of group gi (a thread keeps whole words)
+    words = tl.arange(0, GROUP // 8)
+    return tl.load(
+        q_ptr + rows[:, None, None] * (K // 8) + gi * (GROUP // 8) + words[None, :, None]
+    )
+
+
+@triton.jit
+def _unpack_words(q, magic):
+    # int32 [BN, W, 1] -> fp32 [BN, W, 8]: 2^23 + q * 2^pos (exact)
+    # NOTE: `magic` is a kernel argument, not a literal: in a register it lets ptxas fuse the
+    # and/or into one LOP3 (a LOP3 takes one immediate).
+    shift, mask, _, _ = _nibble_consts()
+    bits = (q.to(tl.uint32, bitcast=True) >> shift[None, None, :]) & mask[None, None, :]
+    return (bits | magic.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_codes(q_ptr, rows, gi, K, magic, GROUP: tl.constexpr):
+    # rows [BN] -> fp32 [BN, W, 8]: 2^23 + q * 2^pos for the words of group gi
+    return _unpack_words(_load_words(q_ptr, rows, gi, K, GROUP), magic)
+
+
+@triton.jit
+def _group_sz(s_ptr, z_ptr, rows, gi, K, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr):
+    # scales and zero points of group gi as fp32 [BN] (zero point 8 when symmetric)
+    offs = rows * (K // GROUP) + gi
+    s = tl.load(s_ptr + offs).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + offs).to(tl.float32)
+    else:
+        z = tl.zeros_like(s) + 8.0
+    return s, z
+
+
+@triton.jit
+def _dequant_group(q_ptr, s_ptr, z_ptr, rows, gi, K, magic, HAS_ZEROS: tl.constexpr,
+                   GROUP: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    # rows [BN] -> fp32 [BN, GROUP] = (q - z) * s of group gi, exact
+    _, _, mult, inv = _nibble_consts()
+    s, z = _group_sz(s_ptr, z_ptr, rows, gi, K, HAS_ZEROS, GROUP)
+    zero_magic = 8388608.0 + z[:, None, None] * mult[None, None, :]  # [BN, 1, 8]
+    scale = s[:, None, None] * inv[None, None, :]
+    w = (_group_codes(q_ptr, rows, gi, K, magic, GROUP) - zero_magic) * scale  # [BN, W, 8]
+    return tl.reshape(w, [BN, GROUP])
+
+
+@triton.jit
+def _gemv_group(x_ptr, stride_x, q, s, z, gi, T, acc, magic, GROUP: tl.constexpr,
+                BT: tl.constexpr):  # fmt: skip
+    # q [BN, W, 1] words, s/z [BN] of group gi. BT == 1: acc [BN, W] += s * per-word partial
+    # dots (threads reduce across words once, at the end); else acc [BN, BT] += s * group dot
+    _, _, mult, inv = _nibble_consts()
+    zero_magic = 8388608.0 + z[:, None, None] * mult[None, None, :]  # [BN, 1, 8]
+    w = _unpack_words(q, magic) - zero_magic  # [BN, W, 8]: (q - z) * 2^pos, exact
+    x_offs = gi * GROUP + tl.arange(0, GROUP // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    if BT == 1:
+        xv = tl.load(x_ptr + x_offs).to(tl.float32) * inv[None, :]  # [W, 8]
+        acc += s[:, None] * tl.sum(w * xv[None, :, :], axis=2)
+    else:
+        t_ids = tl.arange(0, BT)
+        for t in tl.static_range(BT):
+            t_ok = tl.full([GROUP // 8, 8], t, tl.int32) < T
+            xv = tl.load(x_ptr + t * stride_x + x_offs, mask=t_ok, other=0.0).to(tl.float32)
+            p = tl.sum(tl.sum(w * (xv * inv[None, :])[None, :, :], axis=2), axis=1)  # [BN]
+            acc += tl.where(t_ids[None, :] == t, (s * p)[:, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _gemv_rows(x_ptr, stride_x, q_ptr, s_ptr, z_ptr, rows, g_start, g_end, K, T, acc, magic,
+               HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr,
+               UNROLL: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    # acc over groups g_start..g_end of the rows; PREFETCH: the next group's words, scales and
+    # zeros load while this group computes (registers; triton does not pipeline these loads)
+    if PREFETCH:
+        q = _load_words(q_ptr, rows, g_start, K, GROUP)
+        s, z = _group_sz(s_ptr, z_ptr, rows, g_start, K, HAS_ZEROS, GROUP)
+        for gi in range(g_start, g_end):
+            g_next = tl.minimum(gi + 1, g_end - 1)  # the last step reloads its own group
+            q_next = _load_words(q_ptr, rows, g_next, K, GROUP)
+            s_next, z_next = _group_sz(s_ptr, z_ptr, rows, g_next, K, HAS_ZEROS, GROUP)
+            acc = _gemv_group(x_ptr, stride_x, q, s, z, gi, T, acc, magic, GROUP, BT)
+            q, s, z = q_next, s_next, z_next
+    else:
+        for g0 in range(g_start, g_end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                q = _load_words(q_ptr, rows, g0 + u, K, GROUP)
+                s, z = _group_sz(s_ptr, z_ptr, rows, g0 + u, K, HAS_ZEROS, GROUP)
+                acc = _gemv_group(x_ptr, stride_x, q, s, z, g0 + u, T, acc, magic, GROUP, BT)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N, stride_y,
+              FUSED: tl.constexpr):  # fmt: skip
+    # acc, acc2 [BN, BT] fp32 -> y[tokens, rows]. With several K splits, the last program of a
+    # tile to arrive (counted with an atomic) sums every split's fp32 partial and writes y.
+    mask = row_mask[:, None] & t_mask[None, :]
+    num_splits = tl.num_programs(2)
+    if num_splits > 1:
+        # ws [splits, 2, T_pad, N] fp32; cnt [tiles] int32, zero between launches
+        t_pad = tl.num_programs(1) * acc.shape[1]
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        offs = tokens[None, :].to(tl.int64) * N + rows[:, None]
+        part = ws_ptr + tl.program_id(2) * 2 * t_pad * N + offs
+        tl.store(part, acc, mask=mask)
+        if FUSED:
+            tl.store(part + t_pad * N, acc2, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            acc = tl.zeros_like(acc)
+            acc2 = tl.zeros_like(acc2)
+            for k in range(num_splits):
+                part = ws_ptr + k * 2 * t_pad * N + offs
+                acc += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+                if FUSED:
+                    acc2 += tl.load(part + t_pad * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # reset for the next launch
+            if FUSED:
+                acc = acc * tl.sigmoid(acc) * acc2
+            y_ptrs = y_ptr + tokens[None, :].to(tl.int64) * stride_y + rows[:, None]
+            tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty), mask=mask)
+    else:
+        if FUSED:
+            acc = acc * tl.sigmoid(acc) * acc2
+        y_ptrs = y_ptr + tokens[None, :].to(tl.int64) * stride_y + rows[:, None]
+        tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_block(N, BN: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_mask = rows < N
+    return tl.where(row_mask, rows, 0).to(tl.int64), row_mask  # clamped: loads stay in bounds
+
+
+@triton.jit(do_not_specialize=["T"])
+def gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, K, up_offset, stride_x,
+         stride_y, groups_per_split, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+         GROUP: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr,
+         PREFETCH: tl.constexpr):  # fmt: skip
+    # y [T, N] = x [T, K] @ W^T, T <= BT (few tokens, FMA); FUSED: silu(gate) * up, where up
+    # rows start at up_offset. grid (N / BN, 1, splits); split k covers groups_per_split groups.
+    rows, row_mask = _row_block(N, BN)
+    if BT == 1:
+        acc = tl.zeros([BN, GROUP // 8], tl.float32)
+    else:
+        acc = tl.zeros([BN, BT], tl.float32)
+    acc2 = acc
+    g_start = tl.program_id(2) * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+    acc = _gemv_rows(
+        x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows, g_start, g_end, K, T, acc, magic,
+        HAS_ZEROS, GROUP, BT, UNROLL, PREFETCH,
+    )  # fmt: skip
+    if FUSED:  # gate and up rows in two passes: both stream from HBM once, x stays in L1/L2
+        acc2 = _gemv_rows(
+            x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows + up_offset, g_start, g_end, K, T, acc2,
+            magic, HAS_ZEROS, GROUP, BT, UNROLL, PREFETCH,
+        )  # fmt: skip
+    if BT == 1:  # one cross-thread reduction per program
+        acc = tl.sum(acc, axis=1)[:, None]
+        acc2 = tl.sum(acc2, axis=1)[:, None]
+    tokens = tl.arange(0, BT)
+    _epilogue(
+        acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, tokens < T, N, stride_y,
+        FUSED,
+    )  # fmt: skip
+
+
+@triton.jit
+def _mma_group(x_ptr, stride_x, q_ptr, s_ptr, z_ptr, rows, gi, K, tokens, t_mask, acc, magic,
+               HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+               DOT_FP32: tl.constexpr):  # fmt: skip
+    # acc [BN, BT] += s * ((q - z) 2^pos [BN, GROUP] @ (x 2^-pos)^T [GROUP, BT]) on tensor cores;
+    # both operands are exact in bf16 and the scale is applied once per group, after the MMA
+    ks = gi * GROUP + tl.arange(0, GROUP)
+    x_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + ks[:, None]
+    xt = tl.load(x_ptrs, mask=t_mask[None, :], other=0.0).to(tl.float32)  # [GROUP, BT]
+    j = ks % 8
+    pos = j * 4 - tl.where(j < 5, 0, 12)
+    xt = _round(xt * ((127 - pos) << 23).to(tl.float32, bitcast=True)[:, None], tl.bfloat16)
+    _, _, mult, _ = _nibble_consts()
+    s, z = _group_sz(s_ptr, z_ptr, rows, gi, K, HAS_ZEROS, GROUP)
+    zero_magic = 8388608.0 + z[:, None, None] * mult[None, None, :]  # [BN, 1, 8]
+    w = _group_codes(q_ptr, rows, gi, K, magic, GROUP) - zero_magic  # [BN, W, 8]
+    w = _round(tl.reshape(w, [BN, GROUP]), tl.bfloat16)  # exact: |q - z| <= 16
+    if DOT_FP32:  # the interpreter's bf16 dot is broken: same values as fp32 operands
+        part = tl.dot(w.to(tl.float32), xt.to(tl.float32))
+    else:
+        part = tl.dot(w, xt)
+    return acc + s[:, None] * part
+
+
+@triton.jit(do_not_specialize=["T"])
+def mma(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, K, up_offset, stride_x,
+        stride_y, groups_per_split, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+        GROUP: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr,
+        DOT_FP32: tl.constexpr):  # fmt: skip
+    # y [T, N] = x [T, K] @ W^T via tl.dot (weights = A operand, tokens = N dim of the MMA).
+    # grid (N / BN, T / BT, splits); split k covers groups_per_split groups
+    rows, row_mask = _row_block(N, BN)
+    tokens = tl.program_id(1) * BT + tl.arange(0, BT)
+    t_mask = tokens < T
+    acc = tl.zeros([BN, BT], tl.float32)
+    acc2 = tl.zeros([BN, BT], tl.float32)
+    g_start = tl.program_id(2) * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+    for g0 in range(g_start, g_end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            gi = g0 + u
+            acc = _mma_group(
+                x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows, gi, K, tokens, t_mask, acc, magic,
+                HAS_ZEROS, GROUP, BN, DOT_FP32,
+            )  # fmt: skip
+            if FUSED:
+                acc2 = _mma_group(
+                    x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows + up_offset, gi, K, tokens,
+                    t_mask, acc2, magic, HAS_ZEROS, GROUP, BN, DOT_FP32,
+                )  # fmt: skip
+    _epilogue(
+        acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N, stride_y,
+        FUSED,
+    )  # fmt: skip
+
+
+@triton.jit
+def dequant(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, magic, HAS_ZEROS: tl.constexpr,
+            GROUP: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+    # out [N, K] = dequant(W); program (n-block, k-block of UNROLL groups)
+    rows, row_mask = _row_block(N, BN)
+    for u in tl.static_range(UNROLL):
+        gi = tl.program_id(1) * UNROLL + u
+        w = _dequant_group(qw_ptr, s_ptr, z_ptr, rows, gi, K, magic, HAS_ZEROS, GROUP, BN)
+        out_ptrs = out_ptr + rows[:, None] * K + gi * GROUP + tl.arange(0, GROUP)[None, :]
+        tl.store(out_ptrs, _round(w, out_ptr.dtype.element_ty), mask=row_mask[:, None])

@@ -1,0 +1,410 @@
+"""Int4 experts: format, RTN quantizer, AWQ/GPTQ conversion (bit-exact), config parsing, kernels.
+
+Oracles: exactly representable weights, a straightforward AWQ/GPTQ dequantizer written here
+from the format descriptions, and fp32 matmuls. Triton kernels run under the interpreter at tiny
+shapes when triton is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from duoserve.quant.checkpoints import (
+    AWQ_NIBBLE_COLUMN,
+    awq_to_int4,
+    gptq_to_int4,
+    pack_expert_from_linears,
+    parse_quantization_config,
+    regroup,
+)
+from duoserve.quant.int4 import (
+    ALIGN_BYTES,
+    Int4ExpertLayout,
+    dequantize_int4,
+    expert_forward_int4_reference,
+    pack_expert_int4,
+    pack_nibbles,
+    quantize_expert_int4,
+    quantize_int4,
+    unpack_nibbles,
+)
+from duoserve.quant.triton_kernels import (
+    KernelConfig,
+    dequantize_int4_into,
+    expert_forward_int4,
+    int4_gate_up_silu,
+    int4_linear,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# --------------------------------------------------------------------------- format, RTN
+
+
+def test_nibble_order() -> None:
+    codes = torch.arange(1, 9, dtype=torch.uint8)[None]  # k = 0..7 hold 1..8
+    word = pack_nibbles(codes)
+    assert word.dtype == torch.int32 and word.item() == -0x789ABCDF  # 0x87654321 as int32
+    assert torch.equal(word.view(torch.uint8)[0], torch.tensor([0x21, 0x43, 0x65, 0x87]).byte())
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+
+
+def _grid_weights(n, k, g, symmetric, gen):
+    # values exactly on each group's grid, with the grid's extremes present in every group
+    num_groups = k // g
+    scales = (torch.rand(n, num_groups, generator=gen) + 0.5).bfloat16()
+    if symmetric:
+        ints = torch.randint(-7, 8, (n, num_groups, g), generator=gen)
+        ints[..., 0], ints[..., 1] = -7, 7
+        zeros = None
+    else:
+        zeros = torch.randint(0, 16, (n, num_groups), generator=gen)
+        codes = torch.randint(0, 16, (n, num_groups, g), generator=gen)
+        codes[..., 0], codes[..., 1] = 0, 15
+        ints = codes - zeros[..., None]
+    w = (ints.float() * scales.float()[..., None]).view(n, k)
+    return w, scales, zeros
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_roundtrip_exact_on_grid(symmetric: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w, scales, zeros = _grid_weights(16, 256, 64, symmetric, gen)
+    q = quantize_int4(w, 64, symmetric=symmetric)
+    assert torch.equal(q.scales, scales)
+    assert (q.zeros is None) == symmetric
+    if zeros is not None:
+        assert torch.equal(q.zeros, zeros.to(torch.uint8))
+    assert torch.equal(dequantize_int4(*q, 64, dtype=torch.float32), w)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_error_bound(symmetric: bool) -> None:
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+    q = quantize_int4(w, 128, symmetric=symmetric)
+    err = (dequantize_int4(*q, 128, dtype=torch.float32) - w.float()).abs().view(64, 4, 128)
+    # half a step, plus the bf16 rounding of the scale over up to 15 steps
+    assert (err <= 0.55 * q.scales.float()[..., None]).all()
+    clipped = quantize_int4(w, 128, symmetric=symmetric, method="clip")
+    err_clip = dequantize_int4(*clipped, 128, dtype=torch.float32) - w.float()
+    assert err_clip.square().sum() < 0.97 * err.square().sum()
+
+
+def test_layout_offsets_and_views() -> None:
+    mixtral = Int4ExpertLayout(4096, 14336)
+    assert mixtral.num_bytes == 92_209_152  # 3*4096*14336/2 + (2 + 1) bytes per group of 128
+    for layout in (mixtral, Int4ExpertLayout(96, 64, 32, False, "fp16", True)):
+        end = 0
+        for offset, size in layout.sections.values():
+            assert offset % ALIGN_BYTES == 0 and offset >= end
+            end = offset + size
+        assert layout.num_bytes % ALIGN_BYTES == 0 and layout.num_bytes >= end
+    layout = Int4ExpertLayout(96, 64, 32, has_zeros=True)
+    gen = torch.Generator().manual_seed(2)
+    mats = [torch.randn(64, 96, generator=gen), torch.randn(64, 96, generator=gen)]
+    mats.append(torch.randn(96, 64, generator=gen))
+    quantized = [quantize_int4(m, 32) for m in mats]
+    buffer = pack_expert_int4(*quantized, layout)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == layout.num_bytes
+    for view, src in zip(layout.views(buffer), quantized):
+        for a, b in zip(view, src):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    gate_up = layout.gate_up_views(buffer)
+    assert gate_up.qweight.shape == (128, 12) and gate_up.scales.shape == (128, 3)
+    assert gate_up.qweight.data_ptr() - buffer.data_ptr() == 0
+    with pytest.raises(AssertionError, match="buffer holds"):
+        layout.views(buffer[: layout.num_bytes - 256])
+    with pytest.raises(AssertionError, match="multiple of group"):
+        Int4ExpertLayout(100, 64, 32)
+
+
+def test_reference_forward_matches_fp32_dequant_matmul() -> None:
+    gen = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(64, 128, generator=gen), torch.randn(64, 128, generator=gen)
+    down = torch.randn(128, 64, generator=gen)
+    buffer, layout = quantize_expert_int4(gate, up, down, 32)
+    g, u, d = (dequantize_int4(*v, 32, dtype=torch.float32) for v in layout.views(buffer))
+    x = torch.randn(5, 128, generator=gen).bfloat16()
+    xf = x.float()
+    expected = (F.silu(xf @ g.T) * (xf @ u.T)) @ d.T
+    out = expert_forward_int4_reference(x, buffer, layout)
+    assert out.dtype == torch.bfloat16 and _rel(out, expected) < 1e-2
+    exact = expert_forward_int4_reference(x.float(), buffer, layout, weight_dtype=torch.float32)
+    assert _rel(exact, expected) < 1e-5
+    bf16_out = (F.silu(x.float() @ gate.T) * (x.float() @ up.T)) @ down.T
+    assert _rel(out, bf16_out) < 0.35  # 4-bit error, not a bug
+
+
+# --------------------------------------------------------------------------- AWQ / GPTQ
+
+
+def _pack_words(codes: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    # codes [R, C] -> int32 [R, C/8]: nibble i of word c holds column 8c + order[i]
+    words = torch.zeros(codes.shape[0], codes.shape[1] // 8, dtype=torch.int64)
+    for i, col in enumerate(order):
+        words |= codes[:, col::8].to(torch.int64) << (4 * i)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _nibble(words: torch.Tensor, i: int) -> torch.Tensor:
+    return (words.to(torch.int64) >> (4 * i)) & 0xF
+
+
+def _ref_dequant_awq(qweight, qzeros, scales, g) -> torch.Tensor:
+    # the straightforward way: W[o, i] = (q - z) * s, in fp16 as AWQ's kernels compute it
+    q = torch.zeros(qweight.shape[0], qweight.shape[1] * 8, dtype=torch.int64)
+    z = torch.zeros(qzeros.shape[0], qzeros.shape[1] * 8, dtype=torch.int64)
+    for i, col in enumerate(AWQ_NIBBLE_COLUMN):
+        q[:, col::8] = _nibble(qweight, i)
+        z[:, col::8] = _nibble(qzeros, i)
+    rows = torch.arange(q.shape[0]) // g
+    return ((q - z[rows]).half() * scales[rows]).T  # [out, in]
+
+
+def _ref_dequant_gptq(qweight, qzeros, scales, g_idx, zero_offset) -> torch.Tensor:
+    q = torch.stack([_nibble(qweight, j) for j in range(8)], dim=1).reshape(-1, qweight.shape[1])
+    z = torch.stack([_nibble(qzeros, j) for j in range(8)], dim=2).reshape(qzeros.shape[0], -1)
+    z = z + zero_offset
+    return ((q - z[g_idx]).half() * scales[g_idx]).T  # [out, in]
+
+
+def _random_codes(num_in, num_out, g, gen):
+    codes = torch.randint(0, 16, (num_in, num_out), generator=gen)
+    zeros = torch.randint(0, 16, (num_in // g, num_out), generator=gen)
+    scales = (torch.rand(num_in // g, num_out, generator=gen) * 0.01 + 1e-3).half()
+    return codes, zeros, scales
+
+
+def test_awq_conversion_bit_exact() -> None:
+    gen = torch.Generator().manual_seed(4)
+    codes, zeros, scales = _random_codes(128, 48, 32, gen)
+    qweight, qzeros = _pack_words(codes, AWQ_NIBBLE_COLUMN), _pack_words(zeros, AWQ_NIBBLE_COLUMN)
+    lin = awq_to_int4(qweight, qzeros, scales, 32)
+    ref = _ref_dequant_awq(qweight, qzeros, scales, 32)
+    assert lin.in_perm is None and lin.weights.scales.dtype == torch.float16
+    assert torch.equal(dequantize_int4(*lin.weights, 32, dtype=torch.float16), ref)
+    ref32 = _ref_dequant_awq(qweight, qzeros, scales.float(), 32).float()
+    assert torch.equal(dequantize_int4(*lin.weights, 32, dtype=torch.float32), ref32)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        awq_to_int4(qweight, qzeros, scales, 64)
+
+
+def _gptq_tensors(num_in, num_out, g, gen, act_order, zero_offset):
+    codes, zeros, scales = _random_codes(num_in, num_out, g, gen)
+    zeros[0, :8] = 15 + zero_offset  # v1: zero 16 is stored as 15 (its "+1" quirk)
+    stored = (zeros - zero_offset) & 0xF
+    qweight = _pack_words(codes.T.contiguous(), tuple(range(8))).T.contiguous()  # [in/8, out]
+    qzeros = _pack_words(stored, tuple(range(8)))
+    g_idx = torch.arange(num_in, dtype=torch.int32) // g
+    if act_order:  # GPTQ: column perm[i] is quantized i-th and lands in group i // g
+        perm = torch.randperm(num_in, generator=gen)
+        g_idx = torch.empty_like(g_idx)
+        g_idx[perm] = torch.arange(num_in, dtype=torch.int32) // g
+    return qweight, qzeros, scales, g_idx
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_gptq_conversion_bit_exact(act_order: bool, fmt: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    offset = 1 if fmt == "gptq" else 0
+    qweight, qzeros, scales, g_idx = _gptq_tensors(128, 40, 32, gen, act_order, offset)
+    lin = gptq_to_int4(qweight, qzeros, scales, 32, g_idx, checkpoint_format=fmt)
+    ref = _ref_dequant_gptq(qweight, qzeros, scales, g_idx.long(), offset)
+    assert (lin.in_perm is not None) == act_order
+    ours = dequantize_int4(*lin.weights, 32, dtype=torch.float16)
+    if act_order:  # ours holds W[:, in_perm]
+        assert torch.equal(ours, ref[:, lin.in_perm.long()])
+    else:
+        assert torch.equal(ours, ref)
+    if fmt == "gptq":
+        assert lin.weights.zeros.max() == 16  # the v1 quirk survives conversion
+
+
+def test_gptq_bad_g_idx_and_per_channel() -> None:
+    gen = torch.Generator().manual_seed(6)
+    qweight, qzeros, scales, g_idx = _gptq_tensors(64, 16, 32, gen, True, 1)
+    bad = g_idx.clone()
+    bad[bad == 1] = 0  # group 0 now owns 64 rows
+    with pytest.raises(ValueError, match="cannot be represented"):
+        gptq_to_int4(qweight, qzeros, scales, 32, bad)
+    with pytest.raises(ValueError, match="checkpoint_format"):
+        gptq_to_int4(qweight, qzeros, scales, 32, g_idx, checkpoint_format="marlin")
+    per_channel = gptq_to_int4(qweight, qzeros[:1], scales[:1], -1)
+    assert per_channel.group_size == 64
+    finer = regroup(per_channel, 16)
+    for dtype in (torch.float16, torch.float32):
+        a = dequantize_int4(*per_channel.weights, 64, dtype=dtype)
+        assert torch.equal(dequantize_int4(*finer.weights, 16, dtype=dtype), a)
+
+
+def test_gptq_act_order_expert() -> None:
+    # gate/up share one g_idx (same inputs); down has its own, absorbed into gate/up rows
+    h, i, g = 64, 32, 16
+    gen = torch.Generator().manual_seed(7)
+    gate_t = _gptq_tensors(h, i, g, gen, True, 1)
+    up_t = _gptq_tensors(h, i, g, gen, True, 1)
+    up_t = (*up_t[:3], gate_t[3])
+    down_t = _gptq_tensors(i, h, g, gen, True, 1)
+    lins = [gptq_to_int4(*t[:3], g, t[3]) for t in (gate_t, up_t, down_t)]
+    buffer, layout = pack_expert_from_linears(*lins)
+    assert layout.has_act_order and layout.scale_dtype == "fp16"
+    wg, wu, wd = (
+        _ref_dequant_gptq(t[0], t[1], t[2].float(), t[3].long(), 1) for t in (gate_t, up_t, down_t)
+    )
+    x = torch.randn(3, h, generator=gen)
+    expected = (F.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
+    out = expert_forward_int4_reference(x, buffer, layout, weight_dtype=torch.float32)
+    assert _rel(out, expected) < 1e-5
+    other = _gptq_tensors(h, i, g, gen, True, 1)
+    up_other = gptq_to_int4(*other[:3], g, other[3])
+    with pytest.raises(ValueError, match="different act-order"):
+        pack_expert_from_linears(lins[0], up_other, lins[2])
+
+
+# --------------------------------------------------------------------------- config parsing
+
+
+def test_parse_quantization_config() -> None:
+    awq = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 128,
+        "zero_point": True,
+        "version": "GEMM",
+    }
+    cfg = parse_quantization_config({"quantization_config": awq})
+    assert (cfg.method, cfg.group_size, cfg.checkpoint_format) == ("awq", 128, "gemm")
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True, "sym": False}
+    cfg = parse_quantization_config(gptq)
+    assert (cfg.method, cfg.group_size, cfg.desc_act, cfg.checkpoint_format) == (
+        "gptq",
+        -1,
+        True,
+        "gptq",
+    )
+    v2 = parse_quantization_config({**gptq, "checkpoint_format": "gptq_v2"})
+    assert v2.checkpoint_format == "gptq_v2"
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key"),
+    [
+        ({"quant_method": "fp8"}, "quant_method"),
+        ({"quant_method": "awq", "bits": 8}, "bits"),
+        ({"quant_method": "gptq", "bits": 3}, "bits"),
+        ({"quant_method": "awq", "version": "gemv"}, "version"),
+        ({"quant_method": "awq", "version": "exllama"}, "version"),
+        ({"quant_method": "awq", "version": "marlin"}, "version"),
+        ({"quant_method": "awq", "zero_point": False}, "zero_point"),
+        ({"quant_method": "gptq", "checkpoint_format": "marlin"}, "checkpoint_format"),
+        ({"quant_method": "gptq", "is_marlin_format": True}, "is_marlin_format"),
+        ({"quant_method": "gptq", "group_size": 100}, "group_size"),
+        ({"quant_method": "gptq", "pack_dtype": "int16"}, "pack_dtype"),
+        ({"quant_method": "gptq", "dynamic": {"-:.*": {}}}, "dynamic"),
+    ],
+)
+def test_parse_quantization_config_errors(cfg: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=rf"quantization_config\.{key}=.*supported"):
+        parse_quantization_config(cfg)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def test_torch_backend_entry_points() -> None:
+    gen = torch.Generator().manual_seed(8)
+    w = quantize_int4(torch.randn(48, 64, generator=gen), 32)
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    expected = x.float() @ dequantize_int4(*w, 32).float().T
+    assert _rel(int4_linear(x, *w, 32), expected) < 1e-2  # CPU tensors: torch reference
+    out = torch.empty(48, 64, dtype=torch.bfloat16)
+    assert torch.equal(dequantize_int4_into(*w, 32, out), dequantize_int4(*w, 32))
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    # NOTE: triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.3
+    # rejects, so loops with runtime bounds fail; index the single element instead.
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def _tiny_expert(symmetric: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    h, i = 64, 32
+    mats = [torch.randn(i, h, generator=gen), torch.randn(i, h, generator=gen)]
+    mats.append(torch.randn(h, i, generator=gen))
+    return quantize_expert_int4(*mats, group_size=16, symmetric=symmetric)
+
+
+def _check_kernel_case(config: KernelConfig, num_tokens: int, symmetric: bool) -> None:
+    buffer, layout = _tiny_expert(symmetric, seed=9)
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    w_gu = dequantize_int4(*gate_up, 16, dtype=torch.float32)
+    w_down = dequantize_int4(*down, 16, dtype=torch.float32)
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(10)).bfloat16()
+    act = torch.full((num_tokens, 32), float("nan"))  # poisoned fp32 outputs
+    int4_gate_up_silu(x, *gate_up, 16, out=act, backend="triton", config=config)
+    gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
+    assert _rel(act, F.silu(gate) * up) < 1e-5, (config, "gate_up")
+    act_bf16 = act.bfloat16()
+    y = torch.full((num_tokens, 64), float("nan"))
+    int4_linear(act_bf16, *down, 16, out=y, backend="triton", config=config)
+    assert _rel(y, act_bf16.float() @ w_down.T) < 1e-5, (config, "down")
+
+
+def _check_dequant_and_expert() -> None:
+    buffer, layout = _tiny_expert(False, seed=11)
+    gate_up = layout.gate_up_views(buffer)
+    out = torch.full((64, 64), float("nan"), dtype=torch.bfloat16)
+    dequantize_int4_into(*gate_up, 16, out, backend="triton", config=KernelConfig("dequant", 16))
+    assert torch.equal(out, dequantize_int4(*gate_up, 16)), "dequant kernel not bit-exact"
+    x = torch.randn(18, 64, generator=torch.Generator().manual_seed(12)).bfloat16()
+    expected = expert_forward_int4_reference(x, buffer, layout)
+    for t in (1, 4):  # default gemv / mma configs
+        decode = expert_forward_int4(x[:t], buffer, layout, backend="triton")  # fused kernels
+        assert _rel(decode, expected[:t]) < 1e-2, f"decode expert T={t}"
+    prefill = expert_forward_int4(x, buffer, layout, backend="triton")  # dequant + matmul
+    assert _rel(prefill, expected) < 1e-2, "prefill expert"
+
+
+def run_interpreter_checks() -> None:
+    """Triton kernels vs fp32 references at tiny shapes; needs TRITON_INTERPRET=1 set before
+    triton is first imported, hence a fresh process (see test_triton_kernels_interpreted)."""
+    _patch_interpreter_for_numpy2()
+    _check_kernel_case(KernelConfig("gemv", 32, 4, 2, unroll=2, split_k=1), 1, False)
+    _check_kernel_case(KernelConfig("gemv", 16, 2, 1, split_k=2, prefetch=True), 1, True)
+    _check_kernel_case(KernelConfig("gemv", 16, 4, 2, unroll=1, split_k=3), 2, True)
+    _check_kernel_case(KernelConfig("mma", 16, 4, 2, unroll=1, split_k=2), 3, False)
+    _check_dequant_and_expert()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_interpreted() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import tests.test_quant as t; t.run_interpreter_checks()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
