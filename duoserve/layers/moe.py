@@ -163,7 +163,9 @@ class MoEBlock(nn.Module):
             self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.backend: ExpertBackend | None = None  # set by the engine after loading
-        self.routing_hook = None  # optional fn(layer_id, topk_ids, topk_weights) -> (ids, weights)
+        # optional fn(layer_id, x [T, H], topk_ids, topk_weights) -> (ids, weights): tracers
+        # record routing (and the hidden state, for lookahead features); replay forces it
+        self.routing_hook = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, K] and weights [T, K] (softmax over all experts, then top-k)."""
@@ -181,7 +183,7 @@ class MoEBlock(nn.Module):
         T, H = x.shape
         topk_ids, topk_weights = self.route(x)
         if self.routing_hook is not None:
-            topk_ids, topk_weights = self.routing_hook(self.layer_id, topk_ids, topk_weights)
+            topk_ids, topk_weights = self.routing_hook(self.layer_id, x, topk_ids, topk_weights)
         plan = plan_routing(
             self.layer_id, topk_ids, self.num_experts, sync=self.backend.needs_host_plan
         )
