@@ -87,7 +87,8 @@ class LLMEngine:
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
         config = self.config = config.replace(max_model_len=self.max_model_len)
-        plan_for(cfg, config, self.dtype, self.device, verbose=False)  # refuse a bad budget early
+        plan = plan_for(cfg, config, self.dtype, self.device, verbose=False)  # refuse early
+        self._cap_device_memory(plan)
         self.model = build_dense_model(cfg, source, self.device, self.dtype)
         self.host_store = None
         self._source = source
@@ -114,11 +115,7 @@ class LLMEngine:
             torch.cuda.empty_cache()
         self.config = self.config.replace(policy=policy, gpu_memory_budget=gpu_memory_budget)
         self.memory_plan = plan_for(self.model_config, self.config, self.dtype, self.device)
-        if self.device.type == "cuda":
-            # The budget is a promise: the allocator may not reserve more than it.
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            budget = self.memory_plan.budget_bytes if self.memory_plan else total
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
+        self._cap_device_memory(self.memory_plan)
         self.experts, self.host_store = build_expert_runtime(
             self.model,
             self.model_config,
@@ -131,6 +128,13 @@ class LLMEngine:
         )
         if hasattr(self, "runner"):
             self.runner.enable_cuda_graphs(not self.config.enforce_eager)
+
+    def _cap_device_memory(self, plan) -> None:
+        """The budget is a promise: the CUDA allocator may not reserve more than it."""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = plan.budget_bytes if plan is not None else total
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
 
     # ------------------------------------------------------------------ requests
 
