@@ -145,3 +145,11 @@ def test_static_kv_length_decode_equals_dynamic(hf_checkpoints):
         rows = torch.arange(len(PROMPTS))
         static = engine.model(ids, ctx.positions_dev, engine.kv, rows)
     assert torch.allclose(static, dynamic, atol=1e-5, rtol=0)
+
+
+def test_kv_scratch_slot_is_never_handed_out(llm):
+    kv = llm.engine.kv
+    taken = [kv.allocate_slot() for _ in range(kv.num_free_slots)]
+    assert kv.scratch_slot not in taken and kv.keys[0].shape[0] == kv.num_slots + 1
+    for slot in taken:
+        kv.free_slot(slot)

@@ -47,7 +47,8 @@ class GraphedDecode:
 
     def _capture(self, B: int) -> None:
         inputs = torch.zeros(4, B, dtype=torch.long, device=self.device)
-        inputs[3] = 1
+        inputs[2] = self.kv.scratch_slot  # NOTE: warm-up and capture run the model: keep
+        inputs[3] = 1  # their K/V writes out of every live sequence's slot
         ctx = self._static_context(inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -10,11 +10,15 @@ from duoserve.config import ModelConfig
 def kv_cache_bytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
     """Bytes the cache of `num_slots` sequences of `max_len` tokens takes."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * num_slots * cfg.num_kv_heads * max_len * cfg.head_dim * elem
+    num_rows = num_slots + 1  # + the scratch slot
+    return 2 * cfg.num_layers * num_rows * cfg.num_kv_heads * max_len * cfg.head_dim * elem
 
 
 class KVCache:
-    """Keys and values of every running sequence; a sequence owns one slot for its life."""
+    """Keys and values of every running sequence; a sequence owns one slot for its life.
+
+    One extra slot, `scratch_slot`, is never handed out: CUDA-graph capture writes there.
+    """
 
     def __init__(
         self,
@@ -24,7 +28,8 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (num_slots + 1, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.scratch_slot = num_slots
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.values = [
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
