@@ -90,7 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BENCH_PROGRAMS = ("offload", "resident")  # duoserve/bench/<name>.py, flags their own
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH_PROGRAMS:
+        import importlib
+
+        importlib.import_module(f"duoserve.bench.{argv[1]}").main(argv[2:])
+        return 0
     args = build_parser().parse_args(argv)
     runners = {"generate": _run_generate, "synth": _run_synth}
     try:

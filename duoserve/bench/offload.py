@@ -59,7 +59,7 @@ def run_policy(engine: LLMEngine, policy: str, budget: float | None, prompt, max
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="duoserve bench offload", description=__doc__)
     p.add_argument("--arch", default="qwen3-30b-a3b")
     p.add_argument("--scale", default="full")
     p.add_argument("--budgets", nargs="+", type=float, default=[8, 16, 32])

@@ -81,7 +81,7 @@ def bench_arch(arch: str, scale: str, prompt_len: int, max_tokens: int, device: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="duoserve bench resident", description=__doc__)
     p.add_argument("--archs", nargs="+", default=["olmoe-1b-7b", "qwen3-30b-a3b"])
     p.add_argument("--scale", default="full")
     p.add_argument("--prompt-len", type=int, default=512)

@@ -90,6 +90,11 @@ def add_server_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_cli_args(client)
     client.set_defaults(run=run_cli)
+    for name, helptext in (  # run by duoserve/cli.py's main, which hands them their flags
+        ("offload", "offloading policies at GPU memory budgets (--budgets GiB ...)"),
+        ("resident", "full-GPU upper bound vs transformers on the same weights"),
+    ):
+        bench_sub.add_parser(name, help=helptext)
 
 
 def run_serve(args: argparse.Namespace) -> int:
