@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-full-gpu", action="store_true", help="skip the full-gpu upper bound")
+    p.add_argument("--trace", default=None, help="replay routing from this trace (safetensors)")
     p.add_argument("--out", default="bench/results/offload.json")
     args = p.parse_args(argv)
     engine = LLMEngine(
@@ -82,6 +83,14 @@ def main(argv: list[str] | None = None) -> None:
             gpu_memory_budget=max(args.budgets),
         ),
     )
+    routing = "the synthetic model's own (random weights)"
+    if args.trace:
+        from duoserve.bench.replay import TraceReplay
+
+        replay = TraceReplay(args.trace, engine.device)
+        replay.attach(engine)
+        routing = replay.describe()
+    print(f"routing: {routing}", flush=True)
     expert_bytes = engine.model_config.expert_numel * 2
     link = measure_link_bandwidth(engine.device, expert_bytes) if args.device == "cuda" else {}
     prompt = random_prompt(engine.model_config.vocab_size, args.prompt_len)
@@ -99,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     bw = link.get("copy_1gib_gbps")
     for r in rows:
         r["prefill_bound_s"] = rows[0]["prefill_gb"] / bw if bw else None  # ondemand: each once
-    write_json(args.out, {"env": environment(), "args": vars(args), "link": link, "rows": rows})
+    env = environment()
+    write_json(
+        args.out, {"env": env, "args": vars(args), "routing": routing, "link": link, "rows": rows}
+    )
     print(f"link (pinned host->GPU): {link}")
     print_table(
         rows,

@@ -27,7 +27,9 @@ class GraphedDecode:
     def supported(model: MoELM, device: torch.device) -> bool:
         blocks = model.moe_blocks()
         return device.type == "cuda" and all(
-            not b.backend.needs_host_plan and b.routing_hook is None for b in blocks
+            not b.backend.needs_host_plan
+            and (b.routing_hook is None or getattr(b.routing_hook, "graph_safe", False))
+            for b in blocks
         )
 
     def _static_context(self, inputs: torch.Tensor) -> StepContext:
