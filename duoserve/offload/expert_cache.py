@@ -110,9 +110,10 @@ class ExpertCache:
         """Make `key` resident without an access (a prefetch); None if nothing is evictable."""
         if key in self.slot_of:
             return None
-        if not self.free and not self._candidates():
+        victim = None if self.free else self._pick_victim()
+        if not self.free and victim is None:
             return None
-        slot = self._insert(key)
+        slot = self._insert(key, victim)
         self.pins[slot] += 1  # in flight: released by the caller once the copy is issued
         self.unused_prefetched.add(key)
         self.stats.prefetches += 1
@@ -123,21 +124,19 @@ class ExpertCache:
             assert self.pins[s.slot] > 0, f"slot {s.slot} released more often than pinned"
             self.pins[s.slot] -= 1
 
-    def _candidates(self) -> list[ExpertKey]:
-        return [
-            key
-            for key, slot in self.slot_of.items()
-            if self.pins[slot] == 0 and key not in self.protected
-        ]
+    def _is_evictable(self, key: ExpertKey) -> bool:
+        return self.pins[self.slot_of[key]] == 0 and key not in self.protected
 
-    def _insert(self, key: ExpertKey) -> int:
+    def _pick_victim(self) -> ExpertKey | None:
+        return self.policy.pick_victim(self._is_evictable, self.slot_of.keys(), self.now)
+
+    def _insert(self, key: ExpertKey, victim: ExpertKey | None = None) -> int:
         if self.free:
             slot = self.free.pop()
         else:
-            candidates = self._candidates()
-            if not candidates:
+            victim = victim if victim is not None else self._pick_victim()
+            if victim is None:
                 raise RuntimeError("expert cache: every slot is pinned or protected")
-            victim = self.policy.choose_victim(candidates, self.now)
             slot = self.slot_of.pop(victim)
             self.policy.on_evict(victim)
             self.stats.evictions += 1

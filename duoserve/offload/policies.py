@@ -25,8 +25,9 @@ Each victim choice is O(len(candidates)); the cache has a few hundred to a few t
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -52,72 +53,156 @@ class EvictionPolicy(ABC):
     def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
         """Return the key to evict among `candidates` (non-empty, all resident and evictable)."""
 
+    def pick_victim(
+        self, is_evictable: Callable[[ExpertKey], bool], residents: Iterable[ExpertKey], now: int
+    ) -> ExpertKey | None:
+        """The victim among evictable residents, or None; same answer as choose_victim.
 
-class LRUPolicy(EvictionPolicy):
+        This default scans every resident; ranked policies answer from a heap instead.
+        """
+        candidates = [k for k in residents if is_evictable(k)]
+        return self.choose_victim(candidates, now) if candidates else None
+
+
+class _RankedPolicy(EvictionPolicy):
+    """A policy whose victim is the evictable resident of smallest `rank(key)`.
+
+    `pick_victim` keeps a lazy min-heap of (rank, key) entries pushed whenever a rank may
+    change; stale entries are dropped when they surface, so a pick costs O(log n) amortized
+    plus the pinned keys it steps over (few: at most a group and what is in flight).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[tuple, ExpertKey]] = []
+
+    def rank(self, key: ExpertKey) -> tuple:
+        raise NotImplementedError
+
+    def is_resident(self, key: ExpertKey) -> bool:
+        raise NotImplementedError
+
+    def _touched(self, key: ExpertKey) -> None:
+        heapq.heappush(self._heap, (self.rank(key), key))
+        if len(self._heap) > 64 + 8 * self.num_resident():  # drop stale entries now and then
+            self._heap = [entry for entry in self._heap if self._is_current(entry)]
+            heapq.heapify(self._heap)
+
+    def _is_current(self, entry: tuple[tuple, ExpertKey]) -> bool:
+        rank, key = entry
+        return self.is_resident(key) and self.rank(key) == rank
+
+    def num_resident(self) -> int:
+        raise NotImplementedError
+
+    def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
+        """The candidate of smallest rank."""
+        return min(candidates, key=self.rank)
+
+    def pick_victim(self, is_evictable, residents, now) -> ExpertKey | None:
+        heap, stepped_over, victim = self._heap, [], None
+        while heap:
+            rank, key = heap[0]
+            if not self._is_current((rank, key)):
+                heapq.heappop(heap)  # stale: evicted, or re-ranked since
+            elif is_evictable(key):
+                victim = key
+                break
+            else:
+                stepped_over.append(heapq.heappop(heap))
+        for entry in stepped_over:
+            heapq.heappush(heap, entry)
+        return victim
+
+
+class LRUPolicy(_RankedPolicy):
     """Least recently used: evict the smallest (recency, key)."""
 
     name = "lru"
 
     def __init__(self) -> None:
+        super().__init__()
         self._recency: dict[ExpertKey, int] = {}  # resident key -> last access or insert time
+
+    def rank(self, key: ExpertKey) -> tuple:
+        return (self._recency[key], key)
+
+    def is_resident(self, key: ExpertKey) -> bool:
+        return key in self._recency
+
+    def num_resident(self) -> int:
+        return len(self._recency)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
         """Refresh the key's recency."""
         assert key in self._recency, f"lru: access to non-resident expert {key}"
         self._recency[key] = now
+        self._touched(key)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         """Start tracking the key; it counts as used at its insertion time."""
         assert key not in self._recency, f"lru: expert {key} inserted twice"
         self._recency[key] = now
+        self._touched(key)
 
     def on_evict(self, key: ExpertKey) -> None:
         """Stop tracking the key."""
         del self._recency[key]
 
-    def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
-        """Return the least recently used candidate (ties: smallest key)."""
-        recency = self._recency
-        return min(candidates, key=lambda k: (recency[k], k))
 
-
-class LFUPolicy(EvictionPolicy):
+class LFUPolicy(_RankedPolicy):
     """Least frequently used over the whole history; ties by recency, then smallest key."""
 
     name = "lfu"
 
     def __init__(self) -> None:
+        super().__init__()
         self._num_accesses: dict[ExpertKey, int] = {}  # every key ever accessed; never cleared
         self._recency: dict[ExpertKey, int] = {}  # resident key -> last access or insert time
+
+    def rank(self, key: ExpertKey) -> tuple:
+        return (self._num_accesses.get(key, 0), self._recency[key], key)
+
+    def is_resident(self, key: ExpertKey) -> bool:
+        return key in self._recency
+
+    def num_resident(self) -> int:
+        return len(self._recency)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
         """Count the access and refresh the key's recency."""
         assert key in self._recency, f"lfu: access to non-resident expert {key}"
         self._num_accesses[key] = self._num_accesses.get(key, 0) + 1
         self._recency[key] = now
+        self._touched(key)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         """Start tracking recency; the access count carries over from earlier residencies."""
         assert key not in self._recency, f"lfu: expert {key} inserted twice"
         self._recency[key] = now
+        self._touched(key)
 
     def on_evict(self, key: ExpertKey) -> None:
         """Forget the recency but keep the access count."""
         del self._recency[key]
 
-    def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
-        """Return the candidate with the fewest accesses (ties: least recent, smallest key)."""
-        counts, recency = self._num_accesses, self._recency
-        return min(candidates, key=lambda k: (counts.get(k, 0), recency[k], k))
 
-
-class FIFOPolicy(EvictionPolicy):
+class FIFOPolicy(_RankedPolicy):
     """First in, first out: evict the smallest (insertion time, key)."""
 
     name = "fifo"
 
     def __init__(self) -> None:
+        super().__init__()
         self._inserted_at: dict[ExpertKey, int] = {}  # resident key -> insertion time
+
+    def rank(self, key: ExpertKey) -> tuple:
+        return (self._inserted_at[key], key)
+
+    def is_resident(self, key: ExpertKey) -> bool:
+        return key in self._inserted_at
+
+    def num_resident(self) -> int:
+        return len(self._inserted_at)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
         """Accesses do not affect FIFO order."""
@@ -127,15 +212,11 @@ class FIFOPolicy(EvictionPolicy):
         """Remember the insertion time."""
         assert key not in self._inserted_at, f"fifo: expert {key} inserted twice"
         self._inserted_at[key] = now
+        self._touched(key)
 
     def on_evict(self, key: ExpertKey) -> None:
         """Forget the key."""
         del self._inserted_at[key]
-
-    def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
-        """Return the earliest-inserted candidate (ties: smallest key)."""
-        inserted_at = self._inserted_at
-        return min(candidates, key=lambda k: (inserted_at[k], k))
 
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {
