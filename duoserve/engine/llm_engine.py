@@ -20,7 +20,8 @@ from duoserve.engine.request import Request, RequestOutput
 from duoserve.engine.runner import ModelRunner
 from duoserve.engine.scheduler import ScheduledBatch, Scheduler
 from duoserve.layers.sampler import SamplingParams
-from duoserve.offload.runtime import build_expert_runtime, plan_for
+from duoserve.offload.planner import plan_memory
+from duoserve.offload.runtime import build_expert_runtime, plan_for, resolve_policy
 from duoserve.tokenizer import Tokenizer
 from duoserve.weights.checkpoint import SafetensorsCheckpoint, SyntheticCheckpoint
 from duoserve.weights.loader import build_dense_model, check_all_used
@@ -88,6 +89,16 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
         config = self.config = config.replace(max_model_len=self.max_model_len)
         plan = plan_for(cfg, config, self.dtype, self.device, verbose=False)  # refuse early
+        if plan is None and self.device.type == "cuda" and resolve_policy(config) == "full-gpu":
+            # no budget: full-gpu must still fit the device, or say so before loading
+            total_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            plan_memory(
+                cfg,
+                config.replace(gpu_memory_budget=total_gib),
+                self.dtype,
+                self.device,
+                "full-gpu",
+            )
         self._cap_device_memory(plan)
         self.model = build_dense_model(cfg, source, self.device, self.dtype)
         self.host_store = None
