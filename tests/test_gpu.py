@@ -116,3 +116,10 @@ def test_cuda_graph_decode_matches_eager(hf_checkpoints):
     graphed_llm = LLM(None, **kw)
     assert graphed_llm.engine.runner.graphs is not None
     assert [o.output_token_ids for o in graphed_llm.generate(prompts, GREEDY)] == want
+
+
+def test_full_gpu_refuses_a_model_larger_than_the_device():
+    from duoserve.offload.planner import BudgetError
+
+    with pytest.raises(BudgetError, match="full-gpu needs"):  # 262 GiB of bf16 experts
+        LLM("synthetic:mixtral-8x22b", device="cuda", policy="full-gpu")
