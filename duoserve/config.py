@@ -291,6 +291,9 @@ class EngineConfig:
     policy: str = _opt("auto", "expert policy: full-gpu, ondemand, lru, lfu, or auto")
     synthetic_seed: int = _opt(0, "seed of synthetic (random) weights")
     enforce_eager: int = _opt(0, "1: never capture CUDA graphs for decode")
+    expert_dtype: str = _opt(
+        "bf16", "expert weights: bf16 (the serving dtype) or int4 (4-bit, quantized at load)"
+    )
 
     def __post_init__(self) -> None:
         if self.max_model_len <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -301,6 +304,8 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_budget must be a positive GiB value, got {self.gpu_memory_budget}"
             )
+        if self.expert_dtype not in ("bf16", "int4"):
+            raise ValueError(f"expert_dtype must be 'bf16' or 'int4', got {self.expert_dtype!r}")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

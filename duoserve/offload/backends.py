@@ -4,6 +4,8 @@ Both read packed experts from the host store. The cached backend serves each lay
 routed experts as one access group of the expert cache: misses are issued on the copy
 stream first, hits are computed while the misses land, then each miss is computed after
 its ready event. A group larger than the cache is served in waves of at most `num_slots`.
+With int4 experts (store.layout set) slots are uint8 int4 buffers and each expert runs
+through the int4 kernels, one at a time (no grouped GEMM).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from duoserve.layers.moe import (
 )
 from duoserve.offload.expert_cache import ExpertCache
 from duoserve.offload.host_store import HostExpertStore
-from duoserve.offload.resident import compute_expert_rows
+from duoserve.offload.resident import compute_expert_rows, make_dequant_scratch
 from duoserve.offload.transfer import TransferEngine
 
 MAX_PENDING_EVENTS = 4096
@@ -41,13 +43,15 @@ class CachedExperts:
         self.cfg = cfg
         self.store = store
         self.cache = ExpertCache(
-            num_slots, cfg.expert_numel, store.dtype, device, policy, record_trace
+            num_slots, store.slot_numel, store.dtype, device, policy, record_trace
         )
         self.transfer = TransferEngine(num_slots, device)
         self.access_log: list[tuple[int, tuple[int, ...]]] | None = [] if record_trace else None
-        self.grouped = grouped_mm_supported(
+        self.layout = store.layout
+        self.grouped = self.layout is None and grouped_mm_supported(
             cfg.hidden_size, cfg.moe_intermediate_size, store.dtype, device
         )
+        self.scratch = make_dequant_scratch(self.layout, store.compute_dtype, device)
         self.device = device
 
     needs_host_plan = True  # misses must be known on the host to be copied
@@ -77,7 +81,8 @@ class CachedExperts:
                 s = by_expert[plan.expert_ids[j]]
                 if not s.is_hit:
                     self.transfer.wait_ready(s.slot)
-                compute_expert_rows(x, plan, j, self.cache.slots[s.slot], inter, out_rows)
+                weights = self.cache.slots[s.slot]
+                compute_expert_rows(x, plan, j, weights, inter, out_rows, self.layout, self.scratch)
                 self.transfer.mark_read(s.slot)
         self.cache.release(slots)
 
@@ -156,14 +161,19 @@ class OnDemandExperts:
     def __init__(self, cfg: ModelConfig, store: HostExpertStore, device: torch.device) -> None:
         self.cfg = cfg
         self.store = store
-        self.scratch = torch.empty(cfg.expert_numel, dtype=store.dtype, device=device)
+        self.layout = store.layout
+        self.slot = torch.empty(store.slot_numel, dtype=store.dtype, device=device)
+        self.dequant_scratch = make_dequant_scratch(store.layout, store.compute_dtype, device)
         self.transfer = TransferEngine(1, device)
         self.num_fetches = 0
 
     def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
         for j, e in enumerate(plan.expert_ids):
-            self.transfer.copy_sync(self.store.expert(plan.layer_id, e), self.scratch)
-            compute_expert_rows(x, plan, j, self.scratch, self.cfg.moe_intermediate_size, out_rows)
+            self.transfer.copy_sync(self.store.expert(plan.layer_id, e), self.slot)
+            inter, layout = self.cfg.moe_intermediate_size, self.layout
+            compute_expert_rows(
+                x, plan, j, self.slot, inter, out_rows, layout, self.dequant_scratch
+            )
             self.num_fetches += 1
         if len(self.transfer.stats.pending_wait) > MAX_PENDING_EVENTS:
             self.transfer.resolve()

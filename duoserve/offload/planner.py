@@ -2,7 +2,8 @@
 
 Everything the process holds on the device must fit: dense weights, the KV cache for
 max_model_len x max_num_seqs, activations of the largest step, the prefill staging ring,
-expert slots, and allocator slack. (The CUDA context itself, ~0.5 GiB, is outside
+expert slots (int4 experts: `layout.num_bytes` each, plus one expert's worth of serving-dtype
+dequant scratch for prefill), and allocator slack. (The CUDA context itself, ~0.5 GiB, is outside
 torch's allocator and outside the budget, as in vLLM's accounting.)
 """
 
@@ -14,6 +15,7 @@ import torch
 
 from duoserve.config import EngineConfig, ModelConfig
 from duoserve.engine.kv_cache import kv_cache_bytes
+from duoserve.quant.loading import dequant_scratch_bytes, expert_slot_bytes
 from duoserve.weights.mapping import dense_param_table
 
 GiB = 2**30
@@ -38,6 +40,7 @@ class MemoryPlan:
     expert_bytes: int
     num_expert_slots: int
     num_experts_total: int
+    dequant_scratch_bytes: int = 0  # int4 experts: the prefill dequant buffer
 
     @property
     def expert_cache_bytes(self) -> int:
@@ -49,6 +52,7 @@ class MemoryPlan:
             ("KV cache", self.kv_cache_bytes),
             ("activations", self.activation_bytes),
             ("prefill staging", self.staging_bytes),
+            ("int4 dequant scratch", self.dequant_scratch_bytes),
             (
                 f"expert slots ({self.num_expert_slots} of {self.num_experts_total})",
                 self.expert_cache_bytes,
@@ -106,13 +110,16 @@ def plan_memory(
     """Divide the budget; raise BudgetError if even the minimum does not fit."""
     assert engine.gpu_memory_budget is not None, "plan_memory needs a budget"
     budget = int(engine.gpu_memory_budget * GiB)
-    expert_bytes = cfg.expert_numel * _elem(dtype)
+    expert_bytes = expert_slot_bytes(cfg, engine, dtype)
     total_experts = cfg.num_moe_layers * cfg.num_experts
     fixed = dict(
         dense_bytes=dense_bytes(cfg, dtype),
         kv_cache_bytes=kv_cache_bytes(cfg, engine.max_num_seqs, engine.max_model_len, dtype),
         activation_bytes=activation_bytes(cfg, engine, dtype, device.type == "cpu"),
         staging_bytes=staging_bytes,
+        dequant_scratch_bytes=dequant_scratch_bytes(cfg, engine, dtype)
+        if device.type == "cuda"
+        else 0,
         slack_bytes=SLACK_BYTES[device.type] + int(SLACK_FRACTION * budget),
     )
     fixed_total = sum(fixed.values())

@@ -13,6 +13,7 @@ from duoserve.offload.host_store import HostExpertStore
 from duoserve.offload.planner import MemoryPlan, plan_memory
 from duoserve.offload.policies import EVICTION_POLICIES
 from duoserve.offload.resident import ResidentExperts
+from duoserve.quant.loading import expert_layout
 
 POLICIES = ("full-gpu", "ondemand", *sorted(EVICTION_POLICIES))
 
@@ -61,19 +62,23 @@ def build_expert_runtime(
 
     Offloading policies read experts from `store` (built from `source` when None);
     full-gpu copies them from the store when there is one, else from `source`.
-    Returns (backend, store).
+    With int4 experts (`--expert-dtype int4` or a quantized checkpoint) every place that holds
+    experts holds int4 buffers of one layout. Returns (backend, store).
     """
     policy = resolve_policy(engine)
     staging = getattr(source, "device", "cpu")
+    layout = expert_layout(cfg, engine)
+    if store is not None and store.layout != layout:
+        store = None  # a different expert format: rebuild the host store
     if policy == "full-gpu":
-        backend = ResidentExperts(cfg, device, dtype)
+        backend = ResidentExperts(cfg, device, dtype, layout)
         if store is not None:
             backend.load_from_store(store)
         else:
             backend.load(source, staging)
     else:
         if store is None:
-            store = HostExpertStore(cfg, dtype, pin=device.type == "cuda")
+            store = HostExpertStore(cfg, dtype, pin=device.type == "cuda", layout=layout)
             store.load(source, staging)
         assert plan is not None, f"policy {policy} needs --gpu-memory-budget"
         if policy == "ondemand":

@@ -1,7 +1,9 @@
 """Build a model from a tensor source: dense weights to the device, experts to an expert store.
 
 The model is built on the meta device and materialized once, in the serving dtype; every
-load ends by checking that no tensor was missing and none was left unused.
+load ends by checking that no tensor was missing and none was left unused. Dense linears of an
+AWQ/GPTQ checkpoint (`...qweight`) are dequantized to the serving dtype here; its experts load
+as int4 (quant/loading.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from duoserve.config import ModelConfig
 from duoserve.layers.rotary import inv_frequencies
 from duoserve.models.moe_lm import MoELM
+from duoserve.quant.loading import read_dense_weight
 from duoserve.weights.checkpoint import CheckpointError, check_tensor
 from duoserve.weights.mapping import dense_param_table, expert_tensor_names, fused_expert_names
 
@@ -30,7 +33,7 @@ def build_dense_model(cfg: ModelConfig, source, device: torch.device, dtype: tor
     )
     with torch.no_grad():
         for ours, (disk_name, shape) in table.items():
-            params[ours].copy_(source.get(disk_name, shape))
+            params[ours].copy_(read_dense_weight(source, disk_name, shape, cfg))
     model.eval().requires_grad_(False)
     return model
 
