@@ -132,12 +132,16 @@ def test_int4_experts_on_gpu_policies_agree():
     resident = LLM(None, **kw)
     want_logits = resident.logits([resident.tokenizer.encode(p) for p in prompts])
     want = [o.output_token_ids for o in resident.generate(prompts, GREEDY)]
+    del resident  # the budget caps the whole process: one engine at a time
+    torch.cuda.empty_cache()
     for policy in ("lru", "ondemand"):
         llm = LLM(None, policy=policy, gpu_memory_budget=0.3, **kw)
         got_logits = llm.logits([llm.tokenizer.encode(p) for p in prompts])
         for got, ref in zip(got_logits, want_logits):
             assert torch.equal(got, ref), policy
         assert [o.output_token_ids for o in llm.generate(prompts, GREEDY)] == want, policy
+        del llm
+        torch.cuda.empty_cache()
     bf16 = LLM(None, device="cuda", dtype="bfloat16", max_model_len=128)
     ref = bf16.logits([bf16.tokenizer.encode(prompts[1])])[0]
     got = want_logits[1]
