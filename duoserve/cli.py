@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_server_commands = None
     if add_server_commands is not None:
         add_server_commands(sub)
+    from duoserve.predictor.cli import add_predictor_commands
+
+    add_predictor_commands(sub)  # trace | train-predictor | eval-predictor
     return parser
 
 

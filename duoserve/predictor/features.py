@@ -1,0 +1,76 @@
+"""Signals for expert prediction, as tensors on any device (shared by training and runtime).
+
+After MoE layer l routes a token, these are known: the experts it chose at layers <= l (its
+activation path), the experts the same sequence's previous token chose at every layer, and
+the gate-lookahead signal (router l+d applied to layer l's MoE input). From training traces
+come per-layer popularity and inter-layer affinity tables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from duoserve.predictor.trace import RoutingTrace
+
+LOG_FLOOR = 1e-4  # gate-lookahead probabilities below this count as this (log features)
+
+
+def multi_hot(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """ids [..., K] (int, -1 = none) -> float membership [..., E]."""
+    valid = ids >= 0
+    out = torch.zeros(*ids.shape[:-1], num_experts + 1, device=ids.device)
+    index = torch.where(valid, ids.long(), num_experts)  # -1 goes to a spill column
+    return out.scatter_(-1, index, 1.0)[..., :num_experts]
+
+
+def dense_probs(ids: torch.Tensor, probs: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Top-M lookahead ids [..., M] and probs -> [..., E] (0 outside the top M)."""
+    valid = ids >= 0
+    out = torch.zeros(*ids.shape[:-1], num_experts + 1, device=ids.device)
+    index = torch.where(valid, ids.long(), num_experts)
+    return out.scatter_(-1, index, torch.where(valid, probs.float(), 0.0))[..., :num_experts]
+
+
+def log_feature(probs: torch.Tensor) -> torch.Tensor:
+    """Probabilities -> [0, 1]: 1 + log(max(p, LOG_FLOOR)) / log(1 / LOG_FLOOR)."""
+    return 1.0 + probs.clamp_min(LOG_FLOOR).log() / math.log(1.0 / LOG_FLOOR)
+
+
+def top_m(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the `width` most likely experts of probs [..., E]: (ids, probs), as traces store."""
+    top = probs.topk(width, dim=-1)
+    return top.indices, top.values
+
+
+def popularity(trace: RoutingTrace) -> torch.Tensor:
+    """[L, E] share of each layer's routed slots that went to each expert (add-one smoothed)."""
+    counts = multi_hot(trace.expert_ids, trace.num_experts).sum(0) + 1.0  # [L, E]
+    return counts / counts.sum(-1, keepdim=True)
+
+
+def affinity(trace: RoutingTrace, d: int) -> torch.Tensor:
+    """[L, E, E] P(expert f at layer l+d | expert e at layer l); rows l >= L-d are uniform.
+
+    Counted over all tokens: each (e at l, f at l+d) pair of one token adds one; add-one
+    smoothing keeps unseen pairs possible.
+    """
+    # N tokens, L layers, E experts
+    L, E = trace.num_layers, trace.num_experts
+    table = torch.ones(L, E, E)
+    hot = multi_hot(trace.expert_ids, E)  # [N, L, E]
+    if d < L:
+        table[: L - d] += torch.einsum("nle,nlf->lef", hot[:, : L - d], hot[:, d:])
+    return table / table.sum(-1, keepdim=True)
+
+
+def shift_layers(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """x [B, L, ...] -> y with y[:, l] = x[:, l + shift], zeros where l + shift is outside."""
+    y = torch.zeros_like(x)
+    L = x.shape[1]
+    if shift >= 0 and shift < L:
+        y[:, : L - shift] = x[:, shift:]
+    elif shift < 0 and -shift < L:
+        y[:, -shift:] = x[:, : L + shift]
+    return y
