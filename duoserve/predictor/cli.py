@@ -204,15 +204,10 @@ def add_predictor_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m duoserve.predictor.cli ...) until duoserve.cli hooks it."""
-    parser = argparse.ArgumentParser(prog="duoserve-predictor", description=__doc__)
-    add_predictor_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"duoserve: error: {exc}", file=sys.stderr)
-        return 2
+    """`python -m duoserve.predictor.cli ...`: the same as `duoserve ...` (commands above)."""
+    from duoserve.cli import main as duoserve_main
+
+    return duoserve_main(argv)
 
 
 if __name__ == "__main__":
