@@ -288,7 +288,17 @@ class EngineConfig:
     gpu_memory_budget: float | None = _opt(
         None, "GiB the process may hold on the device, all included; None: no offloading"
     )
-    policy: str = _opt("auto", "expert policy: full-gpu, ondemand, lru, lfu, or auto")
+    policy: str = _opt(
+        "auto",
+        "expert policy: full-gpu, ondemand, lru, lfu, fifo, pipeline, uniform, duoserve, "
+        "gate-lookahead, trace-match, or auto",
+    )
+    prefill_ring_slots: int = _opt(0, "prefill staging ring slots (0: the planner chooses)")
+    predictor: str = _opt(
+        "auto", "decode predictor .safetensors for duoserve/uniform (auto: the shipped one)"
+    )
+    prefetch_distance: int = _opt(1, "decode prefetch looks d = 1..N MoE layers ahead")
+    prefetch_budget: int = _opt(0, "experts prefetched per layer and distance (0: 2 x top-k)")
     synthetic_seed: int = _opt(0, "seed of synthetic (random) weights")
     enforce_eager: int = _opt(0, "1: never capture CUDA graphs for decode")
     expert_dtype: str = _opt(
@@ -304,6 +314,10 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_budget must be a positive GiB value, got {self.gpu_memory_budget}"
             )
+        if self.prefill_ring_slots < 0 or self.prefetch_budget < 0:
+            raise ValueError("prefill_ring_slots and prefetch_budget must be >= 0")
+        if not 1 <= self.prefetch_distance <= 4:
+            raise ValueError(f"prefetch_distance must be in 1..4, got {self.prefetch_distance}")
         if self.expert_dtype not in ("bf16", "int4"):
             raise ValueError(f"expert_dtype must be 'bf16' or 'int4', got {self.expert_dtype!r}")
 

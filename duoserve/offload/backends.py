@@ -38,14 +38,18 @@ class CachedExperts:
         policy: str,
         device: torch.device,
         record_trace: bool = False,
+        cache: ExpertCache | None = None,
+        transfer: TransferEngine | None = None,
     ) -> None:
+        """With `cache` and `transfer` given (shared with a prefill schedule), `num_slots` and
+        `policy` are taken from the cache."""
         self.name = policy
         self.cfg = cfg
         self.store = store
-        self.cache = ExpertCache(
+        self.cache = cache or ExpertCache(
             num_slots, store.slot_numel, store.dtype, device, policy, record_trace
         )
-        self.transfer = TransferEngine(num_slots, device)
+        self.transfer = transfer or TransferEngine(self.cache.num_slots, device)
         self.access_log: list[tuple[int, tuple[int, ...]]] | None = [] if record_trace else None
         self.layout = store.layout
         self.grouped = self.layout is None and grouped_mm_supported(

@@ -41,6 +41,7 @@ class MemoryPlan:
     num_expert_slots: int
     num_experts_total: int
     dequant_scratch_bytes: int = 0  # int4 experts: the prefill dequant buffer
+    num_ring_slots: int = 0  # prefill staging ring slots (staging_bytes holds them)
 
     @property
     def expert_cache_bytes(self) -> int:

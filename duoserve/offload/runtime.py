@@ -9,13 +9,28 @@ import torch
 from duoserve.config import EngineConfig, ModelConfig
 from duoserve.models.moe_lm import MoELM
 from duoserve.offload.backends import CachedExperts, OnDemandExperts
+from duoserve.offload.expert_cache import ExpertCache
 from duoserve.offload.host_store import HostExpertStore
+from duoserve.offload.phased import PhasedExperts
 from duoserve.offload.planner import MemoryPlan, plan_memory
 from duoserve.offload.policies import EVICTION_POLICIES
 from duoserve.offload.resident import ResidentExperts
+from duoserve.offload.transfer import TransferEngine
 from duoserve.quant.loading import expert_layout
 
-POLICIES = ("full-gpu", "ondemand", *sorted(EVICTION_POLICIES))
+# Offloading policies built from a shared cache: (prefill schedule, decode schedule).
+# "cache:P": the expert cache with eviction policy P serves every routed expert (misses
+# fetched when routed); "pipeline": the prefill streaming pipeline (offload/prefill.py);
+# "prefetch:PRED": the cache plus predictor-driven prefetch (offload/prefetch.py).
+SCHEDULES: dict[str, tuple[str, str]] = {
+    **{name: (f"cache:{name}", f"cache:{name}") for name in sorted(EVICTION_POLICIES)},
+    "pipeline": ("pipeline", "cache:lru"),
+    "uniform": ("prefetch:ours", "prefetch:ours"),
+    "duoserve": ("pipeline", "prefetch:ours"),
+    "gate-lookahead": ("pipeline", "prefetch:gate-lookahead"),
+    "trace-match": ("pipeline", "prefetch:trace-match"),
+}
+POLICIES = ("full-gpu", "ondemand", *SCHEDULES)
 
 
 def resolve_policy(engine: EngineConfig) -> str:
@@ -84,7 +99,44 @@ def build_expert_runtime(
         if policy == "ondemand":
             backend = OnDemandExperts(cfg, store, device)
         else:
-            backend = CachedExperts(cfg, store, plan.num_expert_slots, policy, device)
+            backend = _build_scheduled(policy, model, cfg, engine, store, device, plan)
     for block in model.moe_blocks():
         block.backend = backend
     return backend, store
+
+
+def _build_scheduled(policy, model, cfg, engine, store, device, plan: MemoryPlan):
+    """A cache-based policy: one cache and one copy stream shared by both phases' schedules."""
+    prefill_kind, decode_kind = SCHEDULES[policy]
+    eviction = decode_kind.split(":")[1] if decode_kind.startswith("cache:") else "lru"
+    cache = ExpertCache(plan.num_expert_slots, store.slot_numel, store.dtype, device, eviction)
+    transfer = TransferEngine(plan.num_expert_slots, device)
+    built: dict[str, object] = {}
+
+    def schedule(kind: str):
+        if kind in built:  # the same schedule serves both phases: one object
+            return built[kind]
+        if kind.startswith("cache:"):
+            out = CachedExperts(
+                cfg, store, cache.num_slots, eviction, device, cache=cache, transfer=transfer
+            )
+        elif kind == "pipeline":
+            from duoserve.offload.prefill import PrefillPipeline
+
+            out = PrefillPipeline(cfg, store, cache, transfer, plan.num_ring_slots, device)
+        elif kind.startswith("prefetch:"):
+            from duoserve.offload.prefetch import PrefetchingExperts
+
+            out = PrefetchingExperts(
+                cfg, store, cache, transfer, device, kind.split(":", 1)[1], engine, model
+            )
+        else:
+            raise AssertionError(f"unknown schedule {kind}")
+        built[kind] = out
+        return out
+
+    prefill, decode = schedule(prefill_kind), schedule(decode_kind)
+    if prefill is decode:
+        decode.name = policy
+        return decode
+    return PhasedExperts(policy, prefill, decode)
