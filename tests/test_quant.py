@@ -38,10 +38,13 @@ from duoserve.quant.int4 import (
 )
 from duoserve.quant.triton_kernels import (
     KernelConfig,
+    candidate_configs,
     dequantize_int4_into,
     expert_forward_int4,
     int4_gate_up_silu,
     int4_linear,
+    kinds_for_tokens,
+    set_autotune,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,67 +339,65 @@ def test_torch_backend_entry_points() -> None:
     assert torch.equal(dequantize_int4_into(*w, 32, out), dequantize_int4(*w, 32))
 
 
-def _patch_interpreter_for_numpy2() -> None:
-    # NOTE: triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.3
-    # rejects, so loops with runtime bounds fail; index the single element instead.
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-
-
-def _tiny_expert(symmetric: bool, seed: int):
+def _tiny_expert(symmetric: bool, seed: int, group: int = 32):
     gen = torch.Generator().manual_seed(seed)
-    h, i = 64, 32
+    h, i = 128, 96  # i: 3 groups of 32, so 64-row blocks are partly masked
     mats = [torch.randn(i, h, generator=gen), torch.randn(i, h, generator=gen)]
     mats.append(torch.randn(h, i, generator=gen))
-    return quantize_expert_int4(*mats, group_size=16, symmetric=symmetric)
+    return quantize_expert_int4(*mats, group_size=group, symmetric=symmetric)
 
 
 def _check_kernel_case(config: KernelConfig, num_tokens: int, symmetric: bool) -> None:
+    # fused gate/up + silu and down, each against fp32 matmuls of the dequantized weights
     buffer, layout = _tiny_expert(symmetric, seed=9)
+    g, h, i = layout.group_size, layout.hidden_size, layout.intermediate_size
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    w_gu = dequantize_int4(*gate_up, 16, dtype=torch.float32)
-    w_down = dequantize_int4(*down, 16, dtype=torch.float32)
-    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(10)).bfloat16()
-    act = torch.full((num_tokens, 32), float("nan"))  # poisoned fp32 outputs
-    int4_gate_up_silu(x, *gate_up, 16, out=act, backend="triton", config=config)
+    # gemv uses the exact (q - z) * s; gemm rounds it to bf16 first, as the torch path does
+    w_dtype = torch.float32 if config.kernel == "gemv" else torch.bfloat16
+    w_gu = dequantize_int4(*gate_up, g, dtype=w_dtype).float()
+    w_down = dequantize_int4(*down, g, dtype=w_dtype).float()
+    x = torch.randn(num_tokens, h, generator=torch.Generator().manual_seed(10)).bfloat16()
+    act = torch.full((num_tokens, i), float("nan"))  # poisoned fp32 outputs
+    int4_gate_up_silu(x, *gate_up, g, out=act, backend="triton", config=config)
     gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
     assert _rel(act, F.silu(gate) * up) < 1e-5, (config, "gate_up")
     act_bf16 = act.bfloat16()
-    y = torch.full((num_tokens, 64), float("nan"))
-    int4_linear(act_bf16, *down, 16, out=y, backend="triton", config=config)
+    y = torch.full((num_tokens, h), float("nan"))
+    int4_linear(act_bf16, *down, g, out=y, backend="triton", config=config)
     assert _rel(y, act_bf16.float() @ w_down.T) < 1e-5, (config, "down")
 
 
 def _check_dequant_and_expert() -> None:
     buffer, layout = _tiny_expert(False, seed=11)
-    gate_up = layout.gate_up_views(buffer)
-    out = torch.full((64, 64), float("nan"), dtype=torch.bfloat16)
-    dequantize_int4_into(*gate_up, 16, out, backend="triton", config=KernelConfig("dequant", 16))
-    assert torch.equal(out, dequantize_int4(*gate_up, 16)), "dequant kernel not bit-exact"
-    x = torch.randn(18, 64, generator=torch.Generator().manual_seed(12)).bfloat16()
+    gate_up, g = layout.gate_up_views(buffer), layout.group_size
+    out = torch.full((192, 128), float("nan"), dtype=torch.bfloat16)  # [2I, H]
+    config = KernelConfig("dequant", 16, block_k=16)
+    dequantize_int4_into(*gate_up, g, out, backend="triton", config=config)
+    assert torch.equal(out, dequantize_int4(*gate_up, g)), "dequant kernel not bit-exact"
+    x = torch.randn(18, 128, generator=torch.Generator().manual_seed(12)).bfloat16()
     expected = expert_forward_int4_reference(x, buffer, layout)
-    for t in (1, 4):  # default gemv / mma configs
-        decode = expert_forward_int4(x[:t], buffer, layout, backend="triton")  # fused kernels
-        assert _rel(decode, expected[:t]) < 1e-2, f"decode expert T={t}"
-    prefill = expert_forward_int4(x, buffer, layout, backend="triton")  # dequant + matmul
-    assert _rel(prefill, expected) < 1e-2, "prefill expert"
+    for t in (1, 4, 18):  # default configs: gemv, gemm decode tile, gemm prefill tile
+        got = expert_forward_int4(x[:t], buffer, layout, backend="triton")
+        assert _rel(got, expected[:t]) < 1e-2, f"expert T={t}"
+
+
+# (config, tokens, symmetric): K tiles below and at the group, split-K (uneven splits too),
+# several token tiles, masked rows (block_n does not divide N)
+INTERPRETER_CASES = [
+    (KernelConfig("gemv", 32, 32, 1, 4, 2, split_k=1), 1, False),
+    (KernelConfig("gemv", 64, 16, 1, 2, 3, split_k=3), 1, True),
+    (KernelConfig("gemv", 64, 64, 1, 4, 2, split_k=2), 1, False),
+    (KernelConfig("gemm", 16, 32, 16, 4, 2, split_k=2), 3, False),
+    (KernelConfig("gemm", 64, 16, 16, 4, 2, split_k=3), 16, True),
+    (KernelConfig("gemm", 64, 32, 32, 4, 2, split_k=1), 37, False),
+]
 
 
 def run_interpreter_checks() -> None:
     """Triton kernels vs fp32 references at tiny shapes; needs TRITON_INTERPRET=1 set before
     triton is first imported, hence a fresh process (see test_triton_kernels_interpreted)."""
-    _patch_interpreter_for_numpy2()
-    _check_kernel_case(KernelConfig("gemv", 32, 4, 2, unroll=2, split_k=1), 1, False)
-    _check_kernel_case(KernelConfig("gemv", 16, 2, 1, split_k=2, prefetch=True), 1, True)
-    _check_kernel_case(KernelConfig("gemv", 16, 4, 2, unroll=1, split_k=3), 2, True)
-    _check_kernel_case(KernelConfig("mma", 16, 4, 2, unroll=1, split_k=2), 3, False)
+    for config, num_tokens, symmetric in INTERPRETER_CASES:
+        _check_kernel_case(config, num_tokens, symmetric)
     _check_dequant_and_expert()
 
 
@@ -408,3 +409,62 @@ def test_triton_kernels_interpreted() -> None:
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- GPU, real shapes
+
+GPU_SHAPES = {"mixtral": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # (H, I)
+
+
+def _gpu_expert(h: int, i: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    mats = [torch.randn(r, c, generator=gen, device="cuda") * 0.02 for r, c in ((i, h),) * 2]
+    mats.append(torch.randn(h, i, generator=gen, device="cuda") * 0.02)
+    return quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_kernels_gpu_real_shapes(shape: str) -> None:
+    # the default config of every kernel kind, each op, fp32 outputs: tight tolerances
+    set_autotune(False)
+    h, i = GPU_SHAPES[shape]
+    buffer, layout = _gpu_expert(h, i)
+    ops = {"gate_up": layout.gate_up_views(buffer), "down": layout.down_views(buffer)}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for t in (1, 3, 16, 100):
+        for kind in kinds_for_tokens(t):
+            config = candidate_configs(kind)[0]
+            for op, w in ops.items():
+                w_dtype = torch.float32 if config.kernel == "gemv" else torch.bfloat16
+                w_ref = dequantize_int4(*w, 128, dtype=w_dtype).float()
+                x = torch.randn(t, w_ref.shape[1], generator=gen, device="cuda").bfloat16()
+                ref = x.float() @ w_ref.T
+                n_out = w_ref.shape[0] // 2 if op == "gate_up" else w_ref.shape[0]
+                out = torch.full((t, n_out), float("nan"), device="cuda")  # poisoned, fp32
+                if op == "gate_up":
+                    int4_gate_up_silu(x, *w, 128, out=out, config=config)
+                    gate, up = ref.chunk(2, dim=1)
+                    ref = F.silu(gate) * up
+                else:
+                    int4_linear(x, *w, 128, out=out, config=config)
+                assert _rel(out, ref) < 1e-4, (shape, t, kind, op, _rel(out, ref))
+    for w in ops.values():
+        shape_nk = (w[0].shape[0], w[0].shape[1] * 8)
+        scratch = torch.full(shape_nk, float("nan"), dtype=torch.bfloat16, device="cuda")
+        dequantize_int4_into(*w, 128, scratch, config=candidate_configs("dequant")[0])
+        assert torch.equal(scratch, dequantize_int4(*w, 128)), "dequant kernel not bit-exact"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_expert_forward_gpu_real_shapes(shape: str) -> None:
+    # the engine's entry point (PINNED or default configs) vs the torch reference, bf16 output
+    set_autotune(False)
+    h, i = GPU_SHAPES[shape]
+    buffer, layout = _gpu_expert(h, i)
+    x = torch.randn(512, h, generator=torch.Generator().manual_seed(2)).bfloat16().cuda()
+    expected = expert_forward_int4_reference(x, buffer, layout)
+    for t in (1, 2, 4, 8, 16, 64, 512):
+        got = expert_forward_int4(x[:t], buffer, layout)
+        assert _rel(got, expected[:t]) < 1e-2, (shape, t, _rel(got, expected[:t]))

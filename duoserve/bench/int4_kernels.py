@@ -2,12 +2,14 @@
 
     python -m duoserve.bench.int4_kernels --out int4_kernels.json
 
-For the Mixtral (H=4096, I=14336) and Qwen3-30B-A3B (H=2048, I=768) expert shapes: decode
-(T = 1, 4, 16) times every candidate config of the fused kernels (gate/up + silu, down) with
-triton.testing.do_bench (median, L2 flushed), next to the roofline (bytes read / measured HBM
-bandwidth) and the bf16 cuBLAS matmul of the same shape; prefill (T = 512) times dequant-to-bf16
-against the bf16 expert compute. Outputs are poisoned with NaN and checked against fp32
-references on fresh random inputs. A failing configuration is reported and skipped.
+For the Mixtral (H=4096, I=14336) and Qwen3-30B-A3B (H=2048, I=768) expert shapes, with
+triton.testing.do_bench (median, L2 flushed): decode (T = 1, 2, 4, 8, 16) sweeps every candidate
+config of the applicable kernels (gemv, 16-token gemm) for gate/up + silu and for down, next to
+the roofline (bytes read / measured HBM bandwidth) and cuBLAS on the bf16 weights; prefill
+(T = 512) sweeps the large-tile gemm configs and reports the int4 expert (fused gemm, and
+dequant-to-bf16 + cuBLAS) against the bf16 cuBLAS expert: the overhead ratio. Outputs are
+poisoned with NaN and checked against fp32 references. A failing configuration is reported and
+skipped. Ends with a PINNED table to paste into duoserve/quant/triton_kernels.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 import traceback
@@ -29,20 +32,40 @@ from duoserve.quant.triton_kernels import (
     dequantize_int4_into,
     int4_gate_up_silu,
     int4_linear,
+    kinds_for_tokens,
     sweep_configs,
+    token_bucket,
 )
 
 SHAPES = {"mixtral": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}
-DECODE_TOKENS = (1, 4, 16)
+DECODE_TOKENS = (1, 2, 4, 8, 16)
 PREFILL_TOKENS = 512
 MAX_REL_ERR = 1e-2
+GROUP = 128
+
+
+SMOKE = os.environ.get("SMOKE", "0") == "1"  # CPU smoke test: interpreter, tiny shapes
+if SMOKE:
+    SHAPES = {"tiny": (128, 96)}
+    DECODE_TOKENS = (1, 3)
+    PREFILL_TOKENS = 40
+    GROUP = 32
 
 
 def _bench(fn) -> float:
     """Median milliseconds of fn (triton.testing.do_bench flushes L2 between calls)."""
+    if SMOKE:  # one timed call on the CPU
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,10 +99,10 @@ def _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base) -> float:
     rows.append(row)
     try:
         out = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=x.device)
-        fn(x, *w, group, out=out, config=cfg)
-        torch.cuda.synchronize()
+        fn(x, *w, group, out=out, config=cfg, backend="triton")
+        _sync()
         err = _rel(out, ref) if not out.isnan().any() else float("nan")
-        ms = _bench(lambda: fn(x, *w, group, out=out, config=cfg))
+        ms = _bench(lambda: fn(x, *w, group, out=out, config=cfg, backend="triton"))
     except Exception as e:  # one failing config must not stop the run
         row["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc(limit=2)
@@ -97,12 +120,13 @@ def bench_decode_op(op, x, w, group, w_bf16, ref, bw_gbps) -> list[dict]:
     fused, t = op == "gate_up", x.shape[0]
     n_out = w[0].shape[0] // 2 if fused else w[0].shape[0]
     roof_us = (_nbytes(*w) + _nbytes(x) + t * n_out * 2) / bw_gbps / 1e3
-    base = dict(op=op, tokens=t, roofline_us=roof_us)
+    pin_key = (w[0].shape[0], w[0].shape[1] * 8, fused, token_bucket(t))  # PINNED's key
+    base = dict(op=op, tokens=t, roofline_us=roof_us, pin_key=pin_key)
     rows = []
-    for kind in ["gemv", "mma"] if t == 1 else ["mma"]:  # gemv costs ~T FMAs per weight
-        sweep_configs(
-            kind, lambda cfg: _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base)
-        )
+    sweep_configs(
+        kinds_for_tokens(t),
+        lambda cfg: _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base),
+    )
     cublas_us = _bench(lambda: x @ w_bf16.T) * 1e3
     bf16_roof_us = (_nbytes(w_bf16) + _nbytes(x)) / bw_gbps / 1e3
     for row in rows:
@@ -113,67 +137,109 @@ def bench_decode_op(op, x, w, group, w_bf16, ref, bw_gbps) -> list[dict]:
 
 
 def _expert(name: str, device: torch.device):
-    # bf16 expert -> int4 buffer (RTN on the GPU) + fp32 dequantized / bf16 weights for references
+    # bf16 expert -> int4 buffer (RTN) + fp32 dequantized weights for references
     h, i = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     mats = [
         torch.randn(r, c, generator=gen, device=device) * 0.02 for r, c in ((i, h), (i, h), (h, i))
     ]
-    buffer, layout = quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
+    buffer, layout = quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=GROUP)
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    w_gu = dequantize_int4(*gate_up, 128, dtype=torch.float32)  # [2I, H]
-    w_d = dequantize_int4(*down, 128, dtype=torch.float32)  # [H, I]
+    w_gu = dequantize_int4(*gate_up, GROUP, dtype=torch.float32)  # [2I, H]
+    w_d = dequantize_int4(*down, GROUP, dtype=torch.float32)  # [H, I]
     return layout, gate_up, down, w_gu, w_d
 
 
+def _op_rows(name, layout, gate_up, down, w_gu, w_d, t, bw_gbps) -> list[dict]:
+    # both ops of one token count: gate/up + silu on x, down on the activation
+    x = torch.randn(t, layout.hidden_size, device=w_gu.device).bfloat16()
+    gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
+    act = (F.silu(gate) * up).bfloat16()  # [T, I]
+    rows = []
+    for op, inp, w, w_ref in (("gate_up", x, gate_up, w_gu), ("down", act, down, w_d)):
+        ref = F.silu(gate) * up if op == "gate_up" else act.float() @ w_d.T
+        for row in bench_decode_op(op, inp, w, GROUP, w_ref.bfloat16(), ref, bw_gbps):
+            rows.append(dict(shape=name, **row))
+    return rows
+
+
 def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, dict]:
-    """Decode rows for every token count, and the prefill summary, for one expert shape."""
-    # T tokens, H hidden, I intermediate
+    """Decode rows for every token count, prefill rows and summary, for one expert shape."""
     layout, gate_up, down, w_gu, w_d = _expert(name, device)
     rows = []
-    for t in DECODE_TOKENS:
-        print(f"{name}: decode T={t}", flush=True)
-        x = torch.randn(t, layout.hidden_size, device=device).bfloat16()
-        gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
-        act = (F.silu(gate) * up).bfloat16()  # [T, I]
-        for op, inp, w, w_ref in (("gate_up", x, gate_up, w_gu), ("down", act, down, w_d)):
-            ref = F.silu(gate) * up if op == "gate_up" else act.float() @ w_d.T
-            for row in bench_decode_op(op, inp, w, 128, w_ref.bfloat16(), ref, bw_gbps):
-                rows.append(dict(shape=name, **row))
-    print(f"{name}: prefill T={PREFILL_TOKENS}", flush=True)
-    prefill = bench_prefill(layout, gate_up, down, w_gu, w_d, bw_gbps)
+    for t in (*DECODE_TOKENS, PREFILL_TOKENS):
+        print(f"{name}: T={t}", flush=True)
+        rows += _op_rows(name, layout, gate_up, down, w_gu, w_d, t, bw_gbps)
+    print(f"{name}: prefill summary T={PREFILL_TOKENS}", flush=True)
+    prefill = bench_prefill(layout, gate_up, down, w_gu, w_d, rows, bw_gbps)
     return rows, dict(shape=name, **prefill)
 
 
-def bench_prefill(layout, gate_up, down, w_gu, w_d, bw_gbps) -> dict:
-    """Dequant (best config) vs the bf16 expert compute at PREFILL_TOKENS tokens."""
+def _best(rows: list[dict], **match) -> dict | None:
+    ok = [r for r in rows if r.get("ok") and all(r[k] == v for k, v in match.items())]
+    return min(ok, key=lambda r: r["time_us"]) if ok else None
+
+
+def bench_prefill(layout, gate_up, down, w_gu, w_d, rows, bw_gbps) -> dict:
+    """The int4 expert at PREFILL_TOKENS: the best gemm configs end to end (gate/up + silu, then
+    down), and dequant-to-bf16 (best config) + cuBLAS, against the bf16 cuBLAS expert."""
     h, i = layout.hidden_size, layout.intermediate_size
-    device = w_gu.device
-    x = torch.randn(PREFILL_TOKENS, h, device=device).bfloat16()
+    x = torch.randn(PREFILL_TOKENS, h, device=w_gu.device).bfloat16()
     wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
 
     def expert_bf16():
         g, u = (x @ wgu_bf16.T).chunk(2, dim=1)
         return (F.silu(g) * u) @ wd_bf16.T
 
+    ref = expert_bf16()
     compute_ms = _bench(expert_bf16)
-    scratch_gu = torch.empty(2 * i, h, dtype=torch.bfloat16, device=device)
-    scratch_d = torch.empty(h, i, dtype=torch.bfloat16, device=device)
+    best_gu = _best(rows, tokens=PREFILL_TOKENS, op="gate_up")
+    best_d = _best(rows, tokens=PREFILL_TOKENS, op="down")
+    fused_us = fused_err = None
+    if best_gu and best_d:
+        cfg_gu, cfg_d = (KernelConfig(**b["config"]) for b in (best_gu, best_d))
+
+        def expert_int4():
+            act = int4_gate_up_silu(x, *gate_up, GROUP, config=cfg_gu, backend="triton")
+            return int4_linear(act, *down, GROUP, config=cfg_d, backend="triton")
+
+        fused_err = _rel(expert_int4(), ref)
+        fused_us = _bench(expert_int4) * 1e3
+    deq_us, configs = _bench_dequant(gate_up, down, wgu_bf16, wd_bf16)
+    int4_bytes = _nbytes(*gate_up, *down)
+    roof_us = (int4_bytes + 2 * 3 * h * i) / bw_gbps / 1e3  # read int4, write bf16
+    compute_us = compute_ms * 1e3
+    return dict(
+        tokens=PREFILL_TOKENS,
+        expert_bf16_compute_us=compute_us,
+        fused_expert_us=fused_us,
+        fused_rel_err=fused_err,
+        fused_overhead_pct=None if fused_us is None else 100 * (fused_us / compute_us - 1),
+        dequant_best_us=deq_us,
+        dequant_roofline_us=roof_us,
+        dequant_pct_of_compute=None if deq_us is None else 100 * deq_us / compute_us,
+        expert_int4_bytes=int4_bytes,
+        dequant_configs=configs,
+    )
+
+
+def _bench_dequant(gate_up, down, wgu_bf16, wd_bf16) -> tuple[float | None, list]:
+    # best bit-exact dequant config for both matrices (the scratch + cuBLAS prefill path)
+    scratch_gu, scratch_d = torch.empty_like(wgu_bf16), torch.empty_like(wd_bf16)
     best, configs = None, []
     for cfg in candidate_configs("dequant"):
         row = dict(config=dataclasses.asdict(cfg))
+
+        def run(cfg=cfg):
+            dequantize_int4_into(*gate_up, GROUP, scratch_gu, config=cfg, backend="triton")
+            dequantize_int4_into(*down, GROUP, scratch_d, config=cfg, backend="triton")
+
         try:
             scratch_gu.fill_(float("nan"))
             scratch_d.fill_(float("nan"))
-            dequantize_int4_into(*gate_up, 128, scratch_gu, config=cfg)
-            dequantize_int4_into(*down, 128, scratch_d, config=cfg)
+            run()
             exact = torch.equal(scratch_gu, wgu_bf16) and torch.equal(scratch_d, wd_bf16)
-            ms = _bench(
-                lambda cfg=cfg: (
-                    dequantize_int4_into(*gate_up, 128, scratch_gu, config=cfg),
-                    dequantize_int4_into(*down, 128, scratch_d, config=cfg),
-                )
-            )
+            ms = _bench(run)
             row.update(time_us=ms * 1e3, bit_exact=exact)
             if exact and (best is None or ms < best):
                 best = ms
@@ -181,79 +247,55 @@ def bench_prefill(layout, gate_up, down, w_gu, w_d, bw_gbps) -> dict:
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc(limit=2)
         configs.append(row)
-    fused_us = _bench_fused_prefill(x, gate_up, down, expert_bf16())
-    int4_bytes = _nbytes(*gate_up, *down)
-    roof_us = (int4_bytes + 2 * 3 * h * i) / bw_gbps / 1e3  # read int4, write bf16
-    return dict(
-        tokens=PREFILL_TOKENS,
-        expert_bf16_compute_us=compute_ms * 1e3,
-        dequant_best_us=None if best is None else best * 1e3,
-        dequant_roofline_us=roof_us,
-        dequant_pct_of_compute=None if best is None else 100 * best / compute_ms,
-        fused_mma_expert_us=fused_us,
-        expert_int4_bytes=int4_bytes,
-        configs=configs,
+    return (None if best is None else best * 1e3), configs
+
+
+def _config_name(c: dict) -> str:
+    return (
+        f"{c['kernel']} n{c['block_n']} k{c['block_k']} t{c['block_t']} w{c['num_warps']} "
+        f"s{c['num_stages']} x{c['split_k']}"
     )
 
 
-def _bench_fused_prefill(x, gate_up, down, ref) -> float | None:
-    # alternative to dequant + cuBLAS: the mma kernel with 64-token tiles, weights read per tile
-    cfg = KernelConfig("mma", 128, 8, 3, unroll=1, split_k=1, block_t=64)
-    try:
-        act = int4_gate_up_silu(x, *gate_up, 128, config=cfg)
-        out = int4_linear(act, *down, 128, config=cfg)
-        if not _rel(out, ref) < MAX_REL_ERR:
-            print(f"fused prefill: rel err {_rel(out, ref):.2e}")
-            return None
-
-        def run():
-            return int4_linear(
-                int4_gate_up_silu(x, *gate_up, 128, config=cfg), *down, 128, config=cfg
-            )
-
-        return _bench(run) * 1e3
-    except Exception:
-        traceback.print_exc(limit=2)
-        return None
-
-
 def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -> None:
-    """Best config per (shape, tokens, op), then the prefill summary."""
+    """Best config per (shape, tokens, op), the prefill summary, then the PINNED table."""
     print(f"\nHBM (d2d copy) {bw:.0f} GB/s, pinned H2D {h2d:.1f} GB/s")
-    hdr = f"{'shape':14s} {'T':>3s} {'op':8s} {'best':>22s} {'us':>8s} {'roof us':>8s}"
+    hdr = f"{'shape':14s} {'T':>3s} {'op':8s} {'best':>34s} {'us':>8s} {'roof us':>8s}"
     print(hdr + f" {'%roof':>6s} {'bf16 us':>8s} {'x bf16':>7s} {'rel err':>8s}")
     order = {name: i for i, name in enumerate(SHAPES)}
     keys = sorted(
         {(r["shape"], r["tokens"], r["op"]) for r in rows}, key=lambda k: (order[k[0]], k[1:])
     )
+    pinned = []
     for key in keys:
-        ok = [r for r in rows if (r["shape"], r["tokens"], r["op"]) == key and r.get("ok")]
         bad = sum(1 for r in rows if (r["shape"], r["tokens"], r["op"]) == key and not r.get("ok"))
-        if not ok:
+        b = _best(rows, shape=key[0], tokens=key[1], op=key[2])
+        if b is None:
             print(f"{key[0]:14s} {key[1]:3d} {key[2]:8s} no passing config ({bad} failed)")
             continue
-        b = min(ok, key=lambda r: r["time_us"])
-        c = b["config"]
-        name = f"{b['kernel']} n{c['block_n']} w{c['num_warps']} u{c['unroll']} k{c['split_k']}"
         print(
-            f"{key[0]:14s} {key[1]:3d} {key[2]:8s} {name:>22s} {b['time_us']:8.1f} "
-            f"{b['roofline_us']:8.1f} {b['pct_roofline']:6.1f} {b['cublas_bf16_us']:8.1f} "
-            f"{b['cublas_bf16_us'] / b['time_us']:7.2f} {b['rel_err']:8.1e}"
-            + (f"  ({bad} configs failed)" if bad else "")
+            f"{key[0]:14s} {key[1]:3d} {key[2]:8s} {_config_name(b['config']):>34s} "
+            f"{b['time_us']:8.1f} {b['roofline_us']:8.1f} {b['pct_roofline']:6.1f} "
+            f"{b['cublas_bf16_us']:8.1f} {b['cublas_bf16_us'] / b['time_us']:7.2f} "
+            f"{b['rel_err']:8.1e}" + (f"  ({bad} configs failed)" if bad else "")
         )
+        pinned.append((b["pin_key"], b["config"]))
     for p in prefill:
-        deq = p["dequant_best_us"]
+        fused, deq = p["fused_expert_us"], p["dequant_best_us"]
         print(
-            f"prefill {p['shape']} T={p['tokens']}: bf16 expert compute "
-            f"{p['expert_bf16_compute_us']:.1f} us, dequant "
+            f"prefill {p['shape']} T={p['tokens']}: bf16 cuBLAS expert "
+            f"{p['expert_bf16_compute_us']:.1f} us; int4 fused gemm expert "
+            + ("FAILED" if fused is None else f"{fused:.1f} us = +{p['fused_overhead_pct']:.1f}%")
+            + "; dequant "
             + ("FAILED" if deq is None else f"{deq:.1f} us = {p['dequant_pct_of_compute']:.1f}%")
-            + f" of compute (dequant roofline {p['dequant_roofline_us']:.1f} us); fused mma "
-            + (
-                "FAILED"
-                if p["fused_mma_expert_us"] is None
-                else f"{p['fused_mma_expert_us']:.1f} us"
-            )
+            + f" of compute (dequant roofline {p['dequant_roofline_us']:.1f} us)"
         )
+    print("\n# paste into duoserve/quant/triton_kernels.py (group 128, asymmetric, bf16)")
+    print("PINNED = {")
+    for key, c in pinned:
+        args = ", ".join(f"{k}={v!r}" for k, v in c.items())
+        print(f"    {tuple(key)!r}: KernelConfig({args}),")
+    print("}")
 
 
 def main() -> None:
@@ -264,10 +306,10 @@ def main() -> None:
     args = parser.parse_args()
     import triton
 
-    device = torch.device("cuda")
+    device = torch.device("cpu" if SMOKE else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
     start = time.time()
-    bw, h2d = measure_hbm_gbps(device), measure_h2d_gbps(device)
+    bw, h2d = (1.0, 0.0) if SMOKE else (measure_hbm_gbps(device), measure_h2d_gbps(device))
     rows, prefill, failures = [], [], []
     for name in args.shapes.split(","):
         try:
@@ -277,16 +319,17 @@ def main() -> None:
         except Exception as e:
             failures.append(dict(shape=name, error=f"{type(e).__name__}: {e}"))
             traceback.print_exc()
-        torch.cuda.empty_cache()
+        if not SMOKE:
+            torch.cuda.empty_cache()
     print_tables(rows, prefill, bw, h2d)
     result = dict(
-        device=torch.cuda.get_device_name(device),
+        device="cpu (SMOKE)" if SMOKE else torch.cuda.get_device_name(device),
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
         hbm_gbps=bw,
         h2d_pinned_gbps=h2d,
-        decode=rows,
+        rows=rows,
         prefill=prefill,
         failures=failures,
         seconds=time.time() - start,

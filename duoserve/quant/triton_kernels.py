@@ -1,16 +1,20 @@
 """Triton kernels for int4 experts (format: duoserve/quant/int4.py), with torch fallbacks.
 
-- ``gemv``: one token, FMA units. A program owns `block_n` output rows and walks K one group at
-  a time; per-thread partial dots are scaled per group and reduced across threads once.
-- ``mma``: 2..16 tokens (or prefill tiles of `block_t`): each group's dequantized weight tile is
-  the A operand of tl.dot and x^T the B operand (tokens are the MMA's N), scale applied after.
-- ``dequant``: int4 -> bf16 into a caller-given scratch buffer (prefill, then cuBLAS matmul).
+- ``gemv``: one token, FMA units. A program owns `block_n` output rows (gate and up rows when
+  fused) and streams their K range in [block_n, block_k / 8] int32 tiles (16-byte loads,
+  software-pipelined `num_stages` deep); per-word partial dots are reduced once at the end.
+- ``gemm``: tensor cores, any token count: decode tiles of 16 tokens (2..16 tokens, split-K) and
+  prefill tiles of 32..256 tokens. The weight tile, dequantized to bf16 in registers, is the A
+  operand of tl.dot and x^T the B operand: W4A16 without a bf16 scratch round trip.
+- ``dequant``: int4 -> bf16 into a caller-given scratch (the old prefill path, PREFILL_MODE
+  "dequant", kept for comparison).
 
-gemv/mma read the packed weights exactly once, optionally fuse gate/up (rows n and n + I of the
-stacked [2I, H] matrix) into silu(gate) * up, and split K across programs when there are too few
-row blocks to fill the GPU (the last program of a tile sums the fp32 partials: one launch).
-Dequantization avoids int -> float instructions (see _int4_triton.py). triton is imported
-lazily: the package imports and the torch paths run without it.
+gemv/gemm read each weight tile once per token tile, optionally fuse gate/up (rows n and n + I
+of the stacked [2I, H] matrix) into silu(gate) * up, and split K across programs when there are
+too few row blocks to fill the GPU (the last program of a tile sums the fp32 partials: one
+launch). Config choice per shape: the `PINNED` table (filled from the GPU bench), else timing
+the candidates on first use (CUDA, `set_autotune`), else the first candidate. triton is
+imported lazily: the package imports and the torch paths run without it.
 """
 
 from __future__ import annotations
@@ -27,54 +31,87 @@ import torch.nn.functional as F
 
 from duoserve.quant.int4 import Int4ExpertLayout, dequantize_int4
 
-MAX_DECODE_TOKENS = 16  # above this expert_forward_int4 dequantizes to scratch and uses matmul
-GEMV_MAX_TOKENS = 1  # T <= this uses the gemv (FMA) kernel, larger T the mma kernel
+MAX_DECODE_TOKENS = 16  # above this expert_forward_int4 uses the prefill configs
+PREFILL_MODE = "fused"  # "fused": gemm kernel; "dequant": dequantize to scratch + cuBLAS
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters. unroll: groups per loop step (dequant: groups per program);
-    split_k: K splits (0: about 4 programs per SM); block_t: tokens per program (0: T rounded
-    up to a power of two for gemv, 16 for mma)."""
+    """Launch parameters of one kernel. block_k is capped at the group size (a K tile never
+    straddles a group); block_t: tokens per program (gemm; gemv takes 1); split_k: K splits
+    (0: about 4 programs per SM)."""
 
-    kernel: str  # "gemv" | "mma" | "dequant"
+    kernel: str  # "gemv" | "gemm" | "dequant"
     block_n: int
+    block_k: int = 128
+    block_t: int = 1
     num_warps: int = 4
-    num_stages: int = 2
-    unroll: int = 1
+    num_stages: int = 3
     split_k: int = 0
-    block_t: int = 0
-    prefetch: bool = False  # gemv: load the next group while computing this one
 
 
-_CANDIDATES = {  # (block_n, num_warps, num_stages, unroll, prefetch); first = untuned default
+# kind -> (block_n, block_k, block_t, num_warps, num_stages); the first is the untuned default.
+# gemv: rows x 64 B tiles, deep pipelines; gemm_decode: 16-token swap-AB tiles (MMA M = rows);
+# gemm_prefill: large token tiles so each weight tile is dequantized once per 64-256 tokens.
+_CANDIDATES = {
     "gemv": [
-        (128, 4, 1, 1, True),
-        (64, 2, 1, 1, True),
-        (64, 4, 1, 1, True),
-        (128, 4, 1, 2, False),
-        (32, 1, 1, 2, False),
+        (128, 128, 1, 4, 3),
+        (256, 128, 1, 8, 3),
+        (64, 128, 1, 4, 4),
+        (128, 128, 1, 8, 4),
+        (256, 128, 1, 4, 2),
+        (512, 128, 1, 8, 3),
+        (128, 64, 1, 4, 4),
+        (64, 128, 1, 2, 3),
     ],
-    "mma": [
-        (64, 4, 3, 1, False),
-        (128, 4, 3, 1, False),
-        (64, 4, 2, 2, False),
-        (128, 8, 3, 1, False),
+    "gemm_decode": [
+        (64, 128, 16, 4, 3),
+        (128, 128, 16, 4, 3),
+        (64, 64, 16, 4, 4),
+        (128, 64, 16, 8, 4),
+        (128, 128, 16, 8, 2),
+        (256, 64, 16, 8, 3),
+        (64, 128, 16, 4, 5),
+    ],
+    "gemm_prefill": [
+        (128, 64, 128, 8, 3),
+        (128, 64, 64, 4, 4),
+        (128, 128, 128, 8, 3),
+        (64, 64, 128, 4, 4),
+        (128, 64, 256, 8, 3),
+        (256, 64, 128, 8, 3),
+        (128, 32, 128, 8, 4),
+        (64, 128, 64, 4, 3),
     ],
     "dequant": [
-        (32, 4, 1, 2, False),
-        (64, 4, 1, 1, False),
-        (16, 4, 1, 4, False),
-        (64, 8, 1, 2, False),
+        (64, 128, 1, 4, 1),
+        (32, 128, 1, 4, 1),
+        (128, 128, 1, 8, 1),
+        (16, 128, 1, 4, 1),
     ],
 }
+_KERNEL_OF = {"gemv": "gemv", "gemm_decode": "gemm", "gemm_prefill": "gemm", "dequant": "dequant"}
+
+# (weight rows N, K, fused gate/up, token bucket) -> config; paste the GPU bench's "PINNED"
+# output here. Buckets: 1, 2, 4, 8, 16 (decode), 32, 64, 128, 256, 512 (prefill, 512 = more).
+PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {}
 
 
-def candidate_configs(kernel: str, block_t: int = 0) -> list[KernelConfig]:
-    """A few configurations worth timing for `kernel` (the first is the untuned default)."""
-    return [
-        KernelConfig(kernel, n, w, s, u, 0, block_t, p) for n, w, s, u, p in _CANDIDATES[kernel]
-    ]
+def candidate_configs(kind: str) -> list[KernelConfig]:
+    """Configurations worth timing for `kind` (gemv, gemm_decode, gemm_prefill, dequant)."""
+    return [KernelConfig(_KERNEL_OF[kind], n, k, t, w, s) for n, k, t, w, s in _CANDIDATES[kind]]
+
+
+def token_bucket(num_tokens: int) -> int:
+    """Power of two >= num_tokens, capped at 512 (the key of PINNED and of the tuning cache)."""
+    return min(512, 1 << max(0, num_tokens - 1).bit_length())
+
+
+def kinds_for_tokens(num_tokens: int) -> list[str]:
+    """Candidate kinds for a token count: gemv competes with the 16-token gemm at one token."""
+    if num_tokens == 1:
+        return ["gemv", "gemm_decode"]
+    return ["gemm_decode"] if num_tokens <= MAX_DECODE_TOKENS else ["gemm_prefill"]
 
 
 def triton_available() -> bool:
@@ -90,12 +127,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _patch_interpreter_for_numpy2() -> None:
+    # NOTE: triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.3
+    # rejects, so loops with runtime bounds fail; index the single element instead.
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
 def _kernels() -> ModuleType:
     # triton decides at decoration time whether to interpret: reload when the mode changed
     from duoserve.quant import _int4_triton
 
     if _interpreting() != _int4_triton.INTERPRETED:
         importlib.reload(_int4_triton)
+    if _interpreting():
+        _patch_interpreter_for_numpy2()
     return _int4_triton
 
 
@@ -132,14 +186,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_plan(cfg: KernelConfig, num_tiles: int, num_groups: int, device) -> tuple[int, int, int]:
-    # -> (unroll, splits, groups per split); every split gets a multiple of `unroll` groups
-    unroll = cfg.unroll if num_groups % cfg.unroll == 0 else 1
+def _split_plan(cfg: KernelConfig, num_tiles: int, k: int, block_k: int, device) -> tuple:
+    # -> (splits, K elements per split); every split gets a whole number of K tiles
+    k_tiles = k // block_k
     splits = cfg.split_k or max(1, 4 * _num_sms(device) // num_tiles)
-    splits = max(1, min(splits, num_groups // unroll, 64))
-    per_split = -(-num_groups // splits)
-    per_split = -(-per_split // unroll) * unroll
-    return unroll, -(-num_groups // per_split), per_split
+    splits = max(1, min(splits, k_tiles, 64))
+    per_split = -(-k_tiles // splits) * block_k
+    return -(-k // per_split), per_split
 
 
 def _check_weights(qweight, scales, zeros, group_size) -> tuple[int, int]:
@@ -157,55 +210,61 @@ def _launch(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
     kernels = _kernels()
     qweight, scales, zeros = w
     n_rows, k = qweight.shape[0], qweight.shape[1] * 8
-    n_out, num_groups = (n_rows // 2 if fused else n_rows), k // group_size
+    n_out = n_rows // 2 if fused else n_rows
+    block_k = min(cfg.block_k, group_size)  # powers of two: divides the group, hence K
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
-    meta = dict(HAS_ZEROS=zeros is not None, GROUP=group_size, BN=cfg.block_n)
+    strides = (qweight.stride(0), scales.stride(0))
+    meta = dict(HAS_ZEROS=zeros is not None, GROUP=group_size, BN=cfg.block_n, BK=block_k)
     meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid_n = -(-n_out // cfg.block_n)
     if cfg.kernel == "dequant":
-        unroll = cfg.unroll if num_groups % cfg.unroll == 0 else 1
-        grid = (grid_n, num_groups // unroll)
-        kernels.dequant[grid](
-            qweight, scales, z, y, n_rows, k, kernels.MAGIC, UNROLL=unroll, **meta
-        )
+        grid = (grid_n, k // block_k)
+        kernels.dequant[grid](qweight, scales, z, y, n_rows, k, *strides, kernels.MAGIC, **meta)
         return
     t = x.shape[0]
+    assert x.stride(1) == 1, "x rows must be contiguous"
     if cfg.kernel == "gemv":
-        block_t = cfg.block_t or 1 << (t - 1).bit_length()
-        assert t <= block_t <= 8, f"the gemv kernel takes at most 8 tokens, got {t}"
-        meta.update(PREFETCH=cfg.prefetch)
-    else:
-        block_t = cfg.block_t or 16
-        meta.update(DOT_FP32=_interpreting())
-    grid_t = -(-t // block_t)
-    unroll, splits, per_split = _split_plan(cfg, grid_n * grid_t, num_groups, y.device)
-    ws, cnt = _split_scratch(y.device, splits * 2 * grid_t * block_t * n_out, grid_n * grid_t)
-    kernel = kernels.gemv if cfg.kernel == "gemv" else kernels.mma
-    kernel[(grid_n, grid_t, splits)](
+        assert t == 1, f"the gemv kernel takes one token, got {t}"
+        splits, per_split = _split_plan(cfg, grid_n, k, block_k, y.device)
+        ws, cnt = _split_scratch(y.device, splits * 2 * n_out, grid_n)
+        kernels.gemv[(grid_n, 1, splits)](
+            x, qweight, scales, z, y, ws, cnt, n_out, k, n_out, *strides, per_split,
+            kernels.MAGIC, FUSED=fused, **meta,
+        )  # fmt: skip
+        return
+    assert cfg.kernel == "gemm", f"unknown kernel {cfg.kernel!r}"
+    grid_t = -(-t // cfg.block_t)
+    splits, per_split = _split_plan(cfg, grid_n * grid_t, k, block_k, y.device)
+    ws, cnt = _split_scratch(y.device, splits * 2 * grid_t * cfg.block_t * n_out, grid_n * grid_t)
+    kernels.gemm[(grid_n * grid_t, 1, splits)](
         x, qweight, scales, z, y, ws, cnt, t, n_out, k, n_out, x.stride(0), y.stride(0),
-        per_split, kernels.MAGIC, FUSED=fused, BT=block_t, UNROLL=unroll, **meta,
+        *strides, per_split, kernels.MAGIC, FUSED=fused, BT=cfg.block_t,
+        DOT_FP32=_interpreting(), **meta,
     )  # fmt: skip
 
 
-SPLIT_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16)
+SPLIT_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32)
 
 
-def sweep_configs(kind: str, time_fn) -> list[tuple[KernelConfig, float]]:
-    """Time every candidate block config (automatic split), then the fastest one with each of
-    SPLIT_CHOICES (gemv/mma; the split is a grid dimension, no recompilation).
+def sweep_configs(kinds: list[str], time_fn) -> list[tuple[KernelConfig, float]]:
+    """Time every candidate config of `kinds` (automatic split), then the fastest gemv/gemm
+    one with each of SPLIT_CHOICES (the split is a grid dimension: no recompilation).
 
     time_fn(config) -> milliseconds; an exception skips that config. Returns (config, ms),
     fastest first.
     """
     timed = []
-    for cfg in candidate_configs(kind):
-        try:
-            timed.append((cfg, time_fn(cfg)))
-        except Exception:  # a config that fails to compile or run is skipped
-            continue
-    if timed and kind != "dequant":
-        best = min(timed, key=lambda item: item[1])[0]
-        for split in SPLIT_CHOICES:
+    for kind in kinds:
+        for cfg in candidate_configs(kind):
+            try:
+                timed.append((cfg, time_fn(cfg)))
+            except Exception:  # a config that fails to compile or run is skipped
+                continue
+    splittable = [item for item in timed if item[0].kernel != "dequant"]
+    if splittable:
+        best = min(splittable, key=lambda item: item[1])[0]
+        prefill = best.block_t > MAX_DECODE_TOKENS  # enough token tiles: few splits matter
+        for split in (1, 2, 4) if prefill else SPLIT_CHOICES:
             cfg = dataclasses.replace(best, split_k=split)
             try:
                 timed.append((cfg, time_fn(cfg)))
@@ -214,12 +273,17 @@ def sweep_configs(kind: str, time_fn) -> list[tuple[KernelConfig, float]]:
     return sorted(timed, key=lambda item: item[1])
 
 
-def _pick_config(kind, x, w, group_size, y, fused) -> KernelConfig:
-    candidates = candidate_configs(kind)
+def _pick_config(x, w, group_size, y, fused) -> KernelConfig:
+    # dequant when x is None; else PINNED, then the tuning cache / a sweep, then the default
+    kinds = ["dequant"] if x is None else kinds_for_tokens(x.shape[0])
+    t_bucket = 0 if x is None else token_bucket(x.shape[0])
+    key = (w[0].shape[0], w[0].shape[1] * 8, fused, t_bucket)
+    if x is not None and key in PINNED:
+        return PINNED[key]
+    default = candidate_configs(kinds[0])[0]
     if not (_AUTOTUNE and y.is_cuda) or _interpreting():
-        return candidates[0]
-    t_bucket = 0 if x is None else 1 << (x.shape[0] - 1).bit_length()  # 1, 2, 4, 8, 16, ...
-    key = (kind, fused, tuple(w[0].shape), group_size, w[2] is not None, t_bucket, y.dtype)
+        return default
+    key = (*key, group_size, w[2] is not None, y.dtype)
     if key not in _TUNED:
         from triton.testing import do_bench
 
@@ -227,8 +291,8 @@ def _pick_config(kind, x, w, group_size, y, fused) -> KernelConfig:
             fn = functools.partial(_launch, cfg, x, w, group_size, y, fused)
             return do_bench(fn, warmup=5, rep=20, return_mode="median")
 
-        timed = sweep_configs(kind, time_fn)
-        _TUNED[key] = timed[0][0] if timed else candidates[0]
+        timed = sweep_configs(kinds, time_fn)
+        _TUNED[key] = timed[0][0] if timed else default
     return _TUNED[key]
 
 
@@ -255,8 +319,7 @@ def _int4_matmul(x, w, group_size, fused, out, backend, config) -> torch.Tensor:
     x = x.contiguous()
     assert out.is_contiguous(), "out must be contiguous"
     if config is None:
-        kind = "gemv" if x.shape[0] <= GEMV_MAX_TOKENS else "mma"
-        config = _pick_config(kind, x, w, group_size, out, fused)
+        config = _pick_config(x, w, group_size, out, fused)
     _launch(config, x, w, group_size, out, fused)
     return out
 
@@ -316,13 +379,14 @@ def dequantize_int4_into(
     if not _use_triton(out, backend):
         return out.copy_(dequantize_int4(qweight, scales, zeros, group_size, out.dtype))
     w = (qweight, scales, zeros)
-    config = config or _pick_config("dequant", None, w, group_size, out, False)
+    config = config or _pick_config(None, w, group_size, out, False)
     _launch(config, None, w, group_size, out, False)
     return out
 
 
 def prefill_scratch_numel(layout: Int4ExpertLayout) -> int:
-    """Elements of bf16 scratch `expert_forward_int4` needs for prefill (3 * H * I)."""
+    """Elements of bf16 scratch `expert_forward_int4` needs for prefill (3 * H * I) when
+    PREFILL_MODE is "dequant" (the fused gemm needs none; callers still allocate it)."""
     return 3 * layout.hidden_size * layout.intermediate_size
 
 
@@ -336,15 +400,17 @@ def expert_forward_int4(
 ) -> torch.Tensor:
     """down(silu(gate x) * up x) [T, H] for one int4 expert buffer.
 
-    T <= MAX_DECODE_TOKENS: fused dequant kernels (weights read once). Larger T with Triton:
-    dequantize into `scratch` (bf16, >= prefill_scratch_numel elements) and use matmul.
+    Triton: the fused kernels (weights read once per token tile, no bf16 copy of the weights);
+    with PREFILL_MODE "dequant" and T > MAX_DECODE_TOKENS, dequantize into `scratch` (bf16,
+    >= prefill_scratch_numel elements) and use matmul. Torch: the reference path.
     """
     # T tokens, H hidden, I intermediate
     h, i, g = layout.hidden_size, layout.intermediate_size, layout.group_size
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     perm = layout.hidden_perm_view(buffer)
     x_in = x if perm is None else x.index_select(1, perm)
-    if x.shape[0] <= MAX_DECODE_TOKENS or not _use_triton(x, backend):
+    small = x.shape[0] <= MAX_DECODE_TOKENS
+    if small or PREFILL_MODE == "fused" or not _use_triton(x, backend):
         act = int4_gate_up_silu(x_in, *gate_up, g, backend=backend)  # [T, I]
         return int4_linear(act, *down, g, backend=backend)  # [T, H]
     if scratch is None:
