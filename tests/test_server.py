@@ -1,7 +1,8 @@
 """The HTTP server on the CPU: protocol, validation, auth, cancellation, batching, drain, bench.
 
-A real uvicorn server on 127.0.0.1 (ephemeral port) in a background thread; the oracle is
-offline greedy generation with `LLM` on the same weights.
+A real uvicorn server on 127.0.0.1 (ephemeral port) in a background thread, serving the
+built-in default model; the oracle is offline greedy generation with `LLM` on the same
+weights. Also: trace replay (`--replay-trace`) and the serving sweep's metrics and pipeline.
 """
 
 from __future__ import annotations
@@ -12,27 +13,26 @@ import contextlib
 import json
 import logging
 import signal
-import socket
-import threading
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from safetensors.torch import save_file
 
+from duoserve.bench import serve_sweep
+from duoserve.bench.replay import TraceReplay
 from duoserve.bench.serve_client import RequestResult, compute_metrics, format_table, run_benchmark
+from duoserve.bench.serve_report import BEGIN, END
 from duoserve.config import EngineConfig
-from duoserve.engine.llm_engine import LLMEngine
+from duoserve.engine.llm_engine import LLMEngine, default_model_path
 from duoserve.layers.sampler import SamplingParams
 from duoserve.llm import LLM
-from duoserve.server.app import BodyLimit, build_app
-from duoserve.server.cli import DrainingServer
+from duoserve.server.app import ROUTING_HEADER, BodyLimit, build_app
+from duoserve.server.background import BackgroundServer, start_background_server
 from duoserve.server.config import ServerConfig
 from duoserve.server.metrics import ServerMetrics
 from duoserve.server.serving import TextDeltas
-from duoserve.weights.synthetic import write_synthetic_checkpoint
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -41,10 +41,9 @@ BOUND_S = 120.0  # no loop or request in this file may run longer
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    """The served model. To use the built-in default model: `return default_model_path()`."""
-    out = tmp_path_factory.mktemp("model")
-    return str(write_synthetic_checkpoint("olmoe-1b-7b", "tiny", out))
+def model() -> str:
+    """The served model: the built-in default one (a small trained Mixtral-style MoE)."""
+    return default_model_path()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,38 +55,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@dataclass
-class LiveServer:
-    url: str
-    app: object
-    uv: uvicorn.Server
-    thread: threading.Thread
-
-    @property
-    def bridge(self):
-        return self.app.state.bridge
-
+class LiveServer(BackgroundServer):
     def metric(self, name: str, **labels: str) -> float:
         return self.app.state.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def start_server(engine: LLMEngine, config: ServerConfig, draining: bool = False) -> LiveServer:
+def start_server(engine: LLMEngine, config: ServerConfig, draining: bool = False, **kw):
     """Serve on 127.0.0.1 (ephemeral port) from a background thread; return once it listens."""
-    app = build_app(engine, config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    uv_config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    if draining:
-        uv = DrainingServer(uv_config, app.state.bridge, config.shutdown_timeout)
-    else:
-        uv = uvicorn.Server(uv_config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    return LiveServer(f"http://127.0.0.1:{sock.getsockname()[1]}", app, uv, thread)
+    drain_s = config.shutdown_timeout if draining else None
+    live = start_background_server(build_app(engine, config, **kw), drain_timeout_s=drain_s)
+    return LiveServer(live.url, live.app, live.uv, live.thread)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +118,11 @@ def test_public_endpoints_and_models(server, client):
     assert "version" in httpx.get(server.url + "/version").json()
     assert httpx.get(server.url + "/metrics").status_code == 200  # no key needed
     card = client.get("/v1/models").json()["data"][0]
-    assert card["max_model_len"] == 256 and card["vocab_size"] == 512
+    vocab = server.bridge.engine.model_config.vocab_size
+    assert card["max_model_len"] == 256 and card["vocab_size"] == vocab
+    assert card["routing"] == "the model's own router"
+    response = client.get("/v1/models")
+    assert response.headers[ROUTING_HEADER] == "model"
 
 
 def test_auth(server):
@@ -225,7 +206,7 @@ VALIDATION_CASES = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     (
         "/v1/completions",
-        {"prompt": "hi", "max_tokens": 255},
+        {"prompt": [5, 6], "max_tokens": 255},
         400,
         "This model's maximum context length is 256 tokens. However, you requested 257 tokens",
     ),
@@ -235,7 +216,7 @@ VALIDATION_CASES = [
     ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 17}, 400, "stop"),
     ("/v1/completions", {"prompt": "hi", "stop": "x" * 300}, 400, "stop"),
     ("/v1/completions", {"prompt": "x" * 9000}, 400, "characters"),
-    ("/v1/completions", {"prompt": [600]}, 400, "token ids must be in [0, 512)"),
+    ("/v1/completions", {"prompt": [10**7]}, 400, "token ids must be in [0, "),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
@@ -581,3 +562,160 @@ def test_bench_client_against_server(server, tmp_path):
     chat = dict(common, endpoint="/v1/chat/completions", dataset_path=str(prompts), num_prompts=2)
     result = _run(run_benchmark(argparse.Namespace(**chat)))
     assert result["completed"] == 2 and result["errors"] == ["", ""]
+
+
+def test_bench_time_cap_counts_unfinished_requests_as_failed(server):
+    args = argparse.Namespace(
+        base_url=server.url,
+        model=None,
+        api_key=API_KEY,
+        num_prompts=3,
+        request_rate=float("inf"),
+        burstiness=1.0,
+        max_concurrency=None,
+        random_input_len=8,
+        random_output_len=200,  # seconds on the CPU: the cap cuts them
+        random_range_ratio=0.0,
+        vocab_size=None,
+        temperature=0.0,
+        ignore_eos=True,
+        seed=0,
+        num_warmups=0,
+        request_timeout=BOUND_S,
+        percentiles=[99.0],
+        goodput_ms={"ttft": 1e6},
+        dataset_path=None,
+        endpoint="/v1/completions",
+        max_duration_s=0.3,
+    )
+    result = _run(run_benchmark(args))
+    assert (result["completed"], result["failed"], result["slo_attainment"]) == (0, 3, 0.0)
+    assert all("cap" in error for error in result["errors"])
+    _wait_idle(server)  # the server aborted them
+
+
+# ----------------------------------------------------------------------------- trace replay
+
+
+def _random_trace(engine: LLMEngine, path, num_tokens: int = 64):
+    cfg = engine.model_config
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(cfg.num_moe_layers, num_tokens, cfg.num_experts, generator=gen)
+    ids = scores.argsort(dim=-1)[..., : cfg.num_experts_per_tok].to(torch.int16)  # [L, N, K]
+    save_file({"expert_ids": ids.contiguous()}, str(path))
+    return path
+
+
+def test_replay_trace_is_served_and_announced(model, oracle, tmp_path):
+    from duoserve.server.cli import attach_replay
+
+    engine = LLMEngine(model, EngineConfig(**ENGINE_OPTIONS))
+    trace = _random_trace(engine, tmp_path / "trace.safetensors")
+    replayed_oracle = LLM(model, **ENGINE_OPTIONS)
+    TraceReplay(trace, torch.device("cpu"), window=16).attach(replayed_oracle.engine)
+    live = start_server(engine, ServerConfig(), replay=attach_replay(engine, str(trace)))
+    try:
+        with httpx.Client(base_url=live.url, timeout=BOUND_S) as c:
+            body = {"prompt": "The cat sat on", "max_tokens": 8, "temperature": 0}
+            body["ignore_eos"] = True
+            done = c.post("/v1/completions", json=body)
+            streamed = c.post("/v1/completions", json={**body, "stream": True})
+            version, card = c.get("/version").json(), c.get("/v1/models").json()["data"][0]
+            metrics = c.get("/metrics").text
+        # one request at a time gets KV slot 0, as the oracle's does: same forced routing
+        want = replayed_oracle.generate("The cat sat on", greedy(8))[0].text
+        assert done.json()["choices"][0]["text"] == want
+        chunks = [json.loads(p) for p in sse_payloads(streamed.text)[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want
+        for response in (done, streamed):
+            assert response.headers[ROUTING_HEADER] == "replayed trace.safetensors"
+        for routing in (version["routing"], card["routing"]):
+            assert routing.startswith("routing replayed from trace.safetensors"), routing
+        assert 'duoserve:routing_info{source="replayed trace.safetensors"} 1.0' in metrics
+    finally:
+        live.stop()
+
+
+def test_replay_trace_flag(tmp_path):
+    from duoserve.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--replay-trace", "t.safetensors"])
+    assert args.replay_trace == "t.safetensors"
+    missing = str(tmp_path / "missing.safetensors")
+    assert main(["serve", "--replay-trace", missing, "--port", "0"]) == 2  # refused, no load
+
+
+# ----------------------------------------------------------------------------- the serving sweep
+
+
+def test_sweep_metrics_on_canned_timings():
+    # SLOs TTFT 2 s, TPOT 150 ms; 32 output tokens: TPOT = (E2EL - TTFT) / 31
+    per_request = {
+        "input_lens": [100, 120, 80, 90],
+        "output_lens": [32, 32, 32, 0],
+        "ttfts": [1.0, 2.5, 0.5, 0.0],  # the 2nd misses TTFT
+        "e2els": [4.1, 5.6, 6.7, 0.0],  # TPOT 100, 100, 200 ms: the 3rd misses TPOT
+        "itls": [[0.1] * 31, [0.1] * 31, [0.2] * 31, []],
+        "errors": ["", "", "", "HTTP 503"],
+    }
+    m = serve_sweep.summarize_point(per_request, 10.0, {"ttft": 2000.0, "tpot": 150.0})
+    assert (m["completed"], m["failed"], m["total_output_tokens"]) == (3, 1, 96)
+    assert m["request_goodput"] == pytest.approx(0.1)  # 1 good request in 10 s
+    assert m["slo_attainment"] == pytest.approx(0.25)  # of the 4 sent
+    assert m["ttft_attainment"] == pytest.approx(0.5) and m["tpot_attainment"] == 0.5
+    assert m["median_ttft_ms"] == pytest.approx(1000.0)
+    assert m["p99_ttft_ms"] == pytest.approx(1000 + 0.98 * 1500)  # numpy's linear interpolation
+    assert m["mean_tpot_ms"] == pytest.approx(400 / 3)
+    assert m["p90_tpot_ms"] == pytest.approx(180.0)
+    assert m["request_throughput"] == pytest.approx(0.3)
+    assert m["output_throughput"] == pytest.approx(9.6)
+    expert = serve_sweep.expert_delta(
+        {"hits": 10, "misses": 5, "bytes_copied": 1e9, "hit_rate": 0.6},
+        {"hits": 40, "misses": 15, "bytes_copied": 3e9, "prefetches": 10, "prefetch_hits": 6},
+        4.0,
+    )
+    assert expert["hit_rate"] == pytest.approx(0.75) and expert["gb_copied"] == pytest.approx(2)
+    assert expert["link_gbps"] == pytest.approx(0.5)
+    assert expert["prefetch_accuracy"] == pytest.approx(0.6)
+
+
+def test_serve_sweep_smoke_end_to_end(tmp_path):
+    """The CPU smoke run: one engine, a policy that exists and one that does not, doc update."""
+    doc = tmp_path / "serving.md"
+    doc.write_text(f"# Serving\n\n## GPU\n{BEGIN}\nnot yet measured\n{END}\n\n## After\n")
+    out = tmp_path / "sweep.json"
+    serve_sweep.main(
+        "--smoke --policies lru,no-such-policy --request-rates 50 --num-prompts 3 "
+        f"--num-warmups 1 --out {out} --doc {doc}".split()
+    )
+    result = json.loads(out.read_text())
+    assert result["routing"].startswith("routing replayed from sweep.trace.safetensors")
+    [point] = result["points"]
+    assert (point["policy"], point["request_rate"], point["completed"]) == ("lru", 50.0, 3)
+    assert point["per_request"]["output_lens"] == [4, 4, 4]
+    assert point["mean_itl_ms"] > 0  # a chunk per token, though random ids decode to no text
+    assert point["expert"]["gb_copied"] > 0 and point["expert_slots"] > 0
+    [skipped] = result["skipped"]
+    assert skipped["policy"] == "no-such-policy" and "unknown policy" in skipped["reason"]
+    text = doc.read_text()
+    assert "not yet measured" not in text and text.endswith(f"{END}\n\n## After\n")
+    assert "| lru | 50 | 3/3 |" in text and "no-such-policy" in text
+    assert "TTFT <= 3000 ms and TPOT <= 400 ms" in text
+
+
+@pytest.mark.gpu
+def test_gpu_serve_sweep_smoke(tmp_path):
+    """The sweep on CUDA with tiny shapes: policies switched in one process, all served."""
+    out = tmp_path / "sweep.json"
+    serve_sweep.main(
+        "--smoke --device cuda --dtype bfloat16 --gpu-memory-budget 0.3 "
+        f"--policies lru,duoserve,uniform --request-rates 20 --out {out}".split()
+    )
+    result = json.loads(out.read_text())
+    for point in result["points"]:
+        print(point["policy"], point["completed"], point["errors"], point["peak_gib"])
+        assert point["completed"] == len(point["per_request"]["input_lens"]), point["errors"]
+        assert point["peak_gib"] <= 0.3
+    for skip in result["skipped"]:
+        print("skipped:", skip)
+    assert any(p["policy"] == "lru" for p in result["points"])

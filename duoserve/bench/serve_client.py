@@ -7,6 +7,7 @@ Definitions (as vllm bench serve; all from the client's clock, per successful re
   E2EL  time from sending the request to the end of its response
   request / output / total token throughput: per second of benchmark duration
   goodput: requests per second meeting every given SLO (TPOT of a 1-token output counts as 0)
+  SLO attainment (not in vllm): requests meeting every given SLO / requests sent
 Output tokens come from the server's usage report (stream_options.include_usage).
 """
 
@@ -63,14 +64,25 @@ class RequestResult:
 
 
 def random_requests(
-    num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int, seed: int
+    num: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    vocab_size: int,
+    seed: int,
+    output_range_ratio: float | None = None,
 ) -> list[SampleRequest]:
-    """Token-id prompts of uniformly random ids; lengths uniform in len*(1 +- range_ratio)."""
-    assert 0 <= range_ratio < 1, f"range ratio must be in [0, 1), got {range_ratio}"
+    """Token-id prompts of uniformly random ids; lengths uniform in len*(1 +- range_ratio).
+
+    `output_range_ratio` (None: `range_ratio`) spreads the output lengths; 0: fixed.
+    """
+    out_ratio = range_ratio if output_range_ratio is None else output_range_ratio
+    for ratio in (range_ratio, out_ratio):
+        assert 0 <= ratio < 1, f"range ratio must be in [0, 1), got {ratio}"
     rng = np.random.default_rng(seed)
-    span = lambda n: (max(int(n * (1 - range_ratio)), 1), max(int(n * (1 + range_ratio)), 1))  # noqa: E731
-    in_lo, in_hi = span(input_len)
-    out_lo, out_hi = span(output_len)
+    span = lambda n, r: (max(int(n * (1 - r)), 1), max(int(n * (1 + r)), 1))  # noqa: E731
+    in_lo, in_hi = span(input_len, range_ratio)
+    out_lo, out_hi = span(output_len, out_ratio)
     requests = []
     for _ in range(num):
         length = int(rng.integers(in_lo, in_hi + 1))
@@ -189,7 +201,11 @@ def compute_metrics(
     percentiles: list[float],
     goodput_ms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """vllm bench serve's summary: counts, throughputs, and mean/median/std/pXX of each metric."""
+    """vllm bench serve's summary: counts, throughputs, and mean/median/std/pXX of each metric.
+
+    Percentiles are numpy's (linear interpolation), as vllm's. Failed requests count in
+    `failed` and in the denominator of `slo_attainment`, nowhere else.
+    """
     ok = [r for r in results if r.success]
     samples: dict[str, list[float]] = {m: [] for m in METRICS}
     all_tpots, num_good = [], 0
@@ -214,6 +230,7 @@ def compute_metrics(
         "total_output_tokens": total_out,
         "request_throughput": len(ok) / duration_s,
         "request_goodput": num_good / duration_s if goodput_ms else None,
+        "slo_attainment": num_good / len(results) if goodput_ms and results else None,
         "output_throughput": total_out / duration_s,
         "total_token_throughput": (total_in + total_out) / duration_s,
     }
@@ -239,6 +256,7 @@ def format_table(m: dict[str, Any], metrics: list[str], percentiles: list[float]
     ]
     if m["request_goodput"] is not None:
         rows.append(("Request goodput (req/s):", f"{m['request_goodput']:.2f}"))
+        rows.append(("SLO attainment (%):", f"{100 * (m['slo_attainment'] or 0):.1f}"))
     rows += [
         ("Output token throughput (tok/s):", f"{m['output_throughput']:.2f}"),
         ("Total Token throughput (tok/s):", f"{m['total_token_throughput']:.2f}"),
@@ -278,6 +296,7 @@ def _workload(args: argparse.Namespace, card: dict[str, Any]) -> list[SampleRequ
         args.random_range_ratio,
         vocab,
         args.seed,
+        getattr(args, "random_output_range_ratio", None),
     )
 
 
@@ -303,7 +322,9 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 return await send_request(client, url, _payload(args, model, req), headers)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(r, d) for r, d in zip(requests, delays)))
+        results = await _gather_until(
+            [one(r, d) for r, d in zip(requests, delays)], getattr(args, "max_duration_s", None)
+        )
         duration = time.perf_counter() - start
     metrics = compute_metrics(results, duration, args.percentiles, args.goodput_ms)
     run = {
@@ -321,11 +342,28 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "input_lens": [r.prompt_len for r in results],
         "output_lens": [r.output_tokens for r in results],
         "ttfts": [r.ttft for r in results],
+        "e2els": [r.latency for r in results],
         "itls": [r.itl for r in results],
         "generated_texts": [r.generated_text for r in results],
         "errors": [r.error for r in results],
     }
     return {**run, **metrics, **per_request}
+
+
+async def _gather_until(coros: list, cap_s: float | None) -> list[RequestResult]:
+    """Run the requests; those not done after cap_s seconds are cancelled and count as failed.
+
+    Cancelling closes their connections, so the server aborts them at its next step.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return []
+    done, pending = await asyncio.wait(tasks, timeout=cap_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    cut = f"not finished within the {cap_s} s cap of the run"
+    return [t.result() if t in done else RequestResult(error=cut) for t in tasks]
 
 
 def _goodput(pairs: list[str] | None) -> dict[str, float] | None:
@@ -358,12 +396,24 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-input-len", type=int, default=256)
     p.add_argument("--random-output-len", type=int, default=64)
     p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument(
+        "--random-output-range-ratio",
+        type=float,
+        default=None,
+        help="spread of output lengths (default: --random-range-ratio; 0: fixed)",
+    )
     p.add_argument("--vocab-size", type=int, default=None, help="random ids below this")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-warmups", type=int, default=1)
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--max-duration-s",
+        type=float,
+        default=None,
+        help="cut the run after this many seconds; unfinished requests count as failed",
+    )
     p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
     p.add_argument("--metric-percentiles", default="99")
     p.add_argument(

@@ -7,11 +7,12 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -32,7 +33,12 @@ from duoserve.server.protocol import (
 )
 from duoserve.server.serving import OpenAIServing
 
+if TYPE_CHECKING:
+    from duoserve.bench.replay import TraceReplay
+
 logger = logging.getLogger("duoserve.server")
+ROUTING_HEADER = "x-duoserve-routing"
+OWN_ROUTING = "model"  # the header's value when the model's own router decides
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -94,6 +100,29 @@ class ApiKeyGuard:
         return None
 
 
+class RoutingHeader:
+    """Stamp every HTTP response with where the expert routing came from.
+
+    `x-duoserve-routing: model` (the model's own router) or `replayed FILE` (a recorded trace
+    forced the routing: outputs are then not the model's own, see bench/replay.py).
+    """
+
+    def __init__(self, app: ASGIApp, value: str) -> None:
+        self.app = app
+        self.header = (ROUTING_HEADER.encode(), value.encode("latin-1", "replace"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_stamped(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_stamped)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, first_param = [], None
     for err in exc.errors()[:5]:
@@ -127,8 +156,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(500, "internal server error"))
 
 
-def build_app(engine: LLMEngine, config: ServerConfig, model_name: str | None = None) -> FastAPI:
-    """The server app over a loaded engine; the engine thread runs while the app is up."""
+def build_app(
+    engine: LLMEngine,
+    config: ServerConfig,
+    model_name: str | None = None,
+    replay: TraceReplay | None = None,
+) -> FastAPI:
+    """The server app over a loaded engine; the engine thread runs while the app is up.
+
+    `replay`: the trace replay already attached to `engine` (None: the model routes itself);
+    every response then says so (header, /version, /v1/models).
+    """
     ms = lambda value: None if value is None else value / 1e3  # noqa: E731
     slo = SloTargets(ttft_s=ms(config.ttft_slo_ms), tpot_s=ms(config.tpot_slo_ms))
     if slo.ttft_s is not None or slo.tpot_s is not None:
@@ -155,16 +193,30 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_name: str | None = 
         openapi_url=None,
     )
     app.state.bridge, app.state.metrics, app.state.serving = bridge, metrics, serving
+    routing = replay.describe() if replay is not None else "the model's own router"
+    app.state.routing = routing
+    if replay is not None:
+        logger.warning("routing is forced: %s (outputs are not the model's own)", routing)
     app.add_middleware(BodyLimit)
-    app.add_middleware(ApiKeyGuard, api_key=config.api_key)  # added last: runs first
+    app.add_middleware(ApiKeyGuard, api_key=config.api_key)
+    header = f"replayed {replay.path.name}" if replay is not None else OWN_ROUTING
+    app.add_middleware(RoutingHeader, value=header)  # added last: runs first, stamps all
+    help_text = "1, labelled with the routing source (model, or replayed FILE)"
+    source = Gauge("duoserve:routing_info", help_text, ["source"], registry=metrics.registry)
+    source.labels(source=header).set(1)
     _install_error_handlers(app)
 
-    _add_routes(app, engine, bridge, serving, name)
+    _add_routes(app, engine, bridge, serving, name, routing)
     return app
 
 
 def _add_routes(
-    app: FastAPI, engine: LLMEngine, bridge: EngineBridge, serving: OpenAIServing, name: str
+    app: FastAPI,
+    engine: LLMEngine,
+    bridge: EngineBridge,
+    serving: OpenAIServing,
+    name: str,
+    routing: str,
 ) -> None:
     metrics = bridge.metrics
 
@@ -182,7 +234,7 @@ def _add_routes(
 
     @app.get("/version")
     async def version() -> dict[str, str]:
-        return {"version": __version__}
+        return {"version": __version__, "routing": routing}
 
     v1 = APIRouter(prefix="/v1")
 
@@ -193,6 +245,7 @@ def _add_routes(
             root=engine.model_name,
             max_model_len=engine.max_model_len,
             vocab_size=engine.model_config.vocab_size,
+            routing=routing,
         )
         return ModelList(data=[card])
 

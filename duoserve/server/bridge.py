@@ -10,6 +10,7 @@ arrives or leaves the batch at a step boundary (continuous batching).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -17,7 +18,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from duoserve.engine.llm_engine import LLMEngine, RequestError
 from duoserve.engine.request import Request, RequestOutput
@@ -142,6 +145,24 @@ class EngineBridge:
         """Abort a request (a no-op once it has finished)."""
         self._inbox.put(("abort", request_id))
 
+    def call_in_engine_thread(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between two steps; its result or error in a future.
+
+        For benchmarks that reconfigure the engine (switch expert policies, read counters)
+        while it serves: only the engine thread may touch the engine.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.is_alive:
+            future.set_exception(RuntimeError("the engine thread is not running"))
+            return future
+        self._inbox.put(("call", fn, future))
+        return future
+
+    @property
+    def is_idle(self) -> bool:
+        """No request submitted, waiting or running (as last seen by the engine thread)."""
+        return not self.active and self.num_queued == 0 and self.num_running == 0
+
     def release(self, stream: RequestStream) -> None:
         """The handler is done with `stream`; abort the request if it is still running."""
         if not stream.is_finished:
@@ -183,6 +204,8 @@ class EngineBridge:
                 command[1].put(
                     APIError(503, "the server is shutting down", None, "server_shutting_down")
                 )
+            elif command[0] == "call":
+                command[2].set_exception(RuntimeError("the engine thread has stopped"))
 
     def _handle_commands(self, block: bool) -> bool:
         """Apply queued commands; False once told to stop."""
@@ -195,6 +218,8 @@ class EngineBridge:
                 return False
             if command[0] == "add":
                 self._add(*command[1:])
+            elif command[0] == "call":
+                self._call(*command[1:])
             else:
                 self._abort(command[1])
             try:
@@ -217,6 +242,15 @@ class EngineBridge:
         # NOTE: latency counts from the HTTP arrival, not from when this thread got to it.
         request.arrival_time = stream.arrival_time
         self._tracked[stream.request_id] = _Tracked(stream, request)
+
+    @staticmethod
+    def _call(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except Exception as exc:  # handed to the caller, the thread keeps serving
+            future.set_exception(exc)
 
     def _abort(self, request_id: str) -> None:
         tracked = self._tracked.pop(request_id, None)

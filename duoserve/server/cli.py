@@ -77,6 +77,13 @@ def add_server_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="same as the positional MODEL")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--replay-trace",
+        default=None,
+        metavar="PATH",
+        help="force expert routing from a recorded trace (.safetensors, for benchmarks of "
+        "synthetic models); every response says so (header x-duoserve-routing)",
+    )
     add_dataclass_flags(p, ServerConfig)
     add_dataclass_flags(p, EngineConfig)
     p.set_defaults(run=run_serve)
@@ -97,6 +104,17 @@ def add_server_commands(sub: argparse._SubParsersAction) -> None:
         bench_sub.add_parser(name, help=helptext)
 
 
+def attach_replay(engine, path: str):
+    """Force `engine`'s routing from the trace at `path`; returns the attached TraceReplay."""
+    from duoserve.bench.replay import TraceReplay
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--replay-trace {path}: no such file")
+    replay = TraceReplay(path, engine.device)
+    replay.attach(engine)
+    return replay
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM (drain) or SIGINT."""
     from duoserve.engine.llm_engine import LLMEngine
@@ -105,6 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.model_arg and args.model and args.model_arg != args.model:
         raise ValueError(f"two models given: '{args.model_arg}' and --model '{args.model}'")
     model = args.model_arg or args.model
+    if args.replay_trace and not os.path.isfile(args.replay_trace):  # before a long load
+        raise FileNotFoundError(f"--replay-trace {args.replay_trace}: no such file")
     api_key = args.api_key or os.environ.get("DUOSERVE_API_KEY") or None
     config = dataclass_from_args(ServerConfig, args, api_key=api_key)
     logging.basicConfig(
@@ -116,7 +136,8 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     engine = LLMEngine(model, dataclass_from_args(EngineConfig, args))
     logger.info("loaded %s in %.1f s", engine.model_name, engine.load_seconds)
-    app = build_app(engine, config, model_name=model)
+    replay = attach_replay(engine, args.replay_trace) if args.replay_trace else None
+    app = build_app(engine, config, model_name=model, replay=replay)
     uv_config = uvicorn.Config(
         app,
         host=config.host,

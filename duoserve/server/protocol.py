@@ -320,6 +320,7 @@ class ModelCard(BaseModel):
     root: str
     max_model_len: int
     vocab_size: int
+    routing: str  # "the model's own router", or which trace replay forces it
 
 
 class ModelList(BaseModel):

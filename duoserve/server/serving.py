@@ -243,7 +243,9 @@ class OpenAIServing:
         try:
             async for out in stream:
                 delta = deltas.next(out.text, out.finished)
-                if delta or out.finished:
+                # As vLLM: a chunk for every output with new tokens, even when its text is
+                # held back (or decodes to nothing), so clients time each token.
+                if delta or out.finished or out.new_token_ids:
                     yield sse(render.chunk(stream.request_id, delta, out))
                 final = out
         except APIError as exc:
