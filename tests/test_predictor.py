@@ -362,7 +362,7 @@ def test_train_and_eval_commands(tmp_path):
     trace = with_lookahead(chain_trace(300, gen), 2, 0.2, gen)
     save_trace(trace, tmp_path / "trace")
     out = tmp_path / "pred.safetensors"
-    common = ["--lookahead", "2", "--epochs", "2", "--hidden", "8"]
+    common = ["--lookahead", "2", "--epochs", "2", "--hidden", "8", "--device", "cpu"]
     assert (
         predictor_main(["train-predictor", str(tmp_path / "trace"), "--out", str(out), *common])
         == 0
@@ -374,3 +374,84 @@ def test_train_and_eval_commands(tmp_path):
     record = json.loads((tmp_path / "rows.json").read_text())
     assert {r["predictor"] for r in record["rows"]} >= {"ours", "trace-match", "popularity"}
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # docs tables regenerate from the JSON (duoserve.predictor.report)
+    from duoserve.predictor.report import main as report_main
+
+    assert report_main([str(tmp_path / "rows.json"), "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    ours = next(r for r in record["rows"] if r["predictor"] == "ours" and r["d"] == 2)
+    line = next(x for x in text.splitlines() if x.startswith("| **ours** | 2 |"))
+    assert line.split(" | ")[2].strip("*") == f"{100 * ours['exact']:.1f}"
+    assert "d = 1 on every set" in text and "| prev-token | 1 |" in text
+
+
+# ------------------------------------------------------------------ device, time limit, export
+
+
+def test_max_minutes_stops_after_the_first_epoch_and_keeps_the_best():
+    gen = torch.Generator().manual_seed(8)
+    trace = sum_trace(600, gen)
+    config = PredictorConfig(6, 8, 2, distances=(1,), features=FEATURE_SETS["paper"], hidden=8)
+    quiet = {"log": lambda s: None, "lr": 1e-2}
+    stopped = train_predictor(trace, config, epochs=5, max_minutes=0.0, device="cpu", **quiet)
+    assert stopped.training_record["epochs_run"] == 1 and stopped.training_record["best_epoch"] == 1
+    full = train_predictor(trace, config, epochs=1, **quiet)  # the same first epoch
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, stopped.state_dict()[key]), key
+
+
+def test_export_keeps_distances_and_fits_a_byte_limit(tmp_path):
+    from duoserve.predictor.export import export_predictor, keep_distances
+
+    gen = torch.Generator().manual_seed(9)
+    trace = with_lookahead(chain_trace(200, gen), 3, 0.2, gen)
+    config = PredictorConfig(6, 8, 2, distances=(1, 2, 3), lookahead_width=2, hidden=8)
+    predictor = Predictor(config)
+    predictor.set_tables(popularity(trace), {d: affinity(trace, d) for d in (1, 2, 3)})
+    src = predictor.save(tmp_path / "p.safetensors")
+    one = keep_distances(Predictor.load(src), (1,))
+    data = TokenTensors.of(trace)
+    for d, p in ((1, one),):
+        want = Predictor.load(src).logits(d, data.inputs(p, d, slice(0, 20)))
+        assert torch.equal(p.logits(d, data.inputs(p, d, slice(0, 20))), want)
+    full = export_predictor(src, tmp_path / "all.safetensors", None, None)
+    assert full["distances"] == [1, 2, 3]
+    limit = full["bytes"] - 1  # one byte short: drops d=3 (and d=2 if needed)
+    trimmed = export_predictor(src, tmp_path / "t.safetensors", None, limit)
+    assert trimmed["bytes"] <= limit and trimmed["distances"] in ([1, 2], [1])
+    assert Predictor.load(tmp_path / "t.safetensors").config.distances == tuple(
+        trimmed["distances"]
+    )
+
+
+def test_eval_runs_on_a_replay_file(tmp_path):
+    from duoserve.predictor.replay_file import write_replay
+
+    gen = torch.Generator().manual_seed(10)
+    trace = with_lookahead(chain_trace(200, gen), 2, 0.0, gen)
+    write_replay(trace, tmp_path / "r.safetensors", distances=(1,))
+    back = load_trace(tmp_path / "r.safetensors")
+    rows = evaluate_predictors(trace, back, names=("gate-lookahead",), distances=(1, 2))
+    assert [r["d"] for r in rows] == [1] and rows[0]["exact"] == 1.0
+
+
+@pytest.mark.gpu
+def test_training_on_the_gpu_matches_the_cpu():
+    gen = torch.Generator().manual_seed(11)
+    trace = with_lookahead(sum_trace(1500, gen), 2, 0.3, gen)
+    config = PredictorConfig(6, 8, 2, distances=(1, 2), lookahead_width=2, hidden=16)
+    kw = {"epochs": 3, "log": lambda s: None}
+    cpu = train_predictor(trace, config, device="cpu", **kw)
+    gpu = train_predictor(trace, config, device="cuda", **kw)
+    assert gpu.popularity.is_cuda
+    a, b = cpu.training_record["valid_loss"], gpu.training_record["valid_loss"]
+    assert abs(a - b) < 0.02 * a, (a, b)
+    rows = evaluate_predictors(
+        trace,
+        trace,
+        names=("ours", "trace-match"),
+        distances=(1,),
+        predictors={"ours": gpu},
+        device="cuda",
+    )
+    assert rows[0]["exact"] > 0.5

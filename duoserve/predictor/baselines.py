@@ -3,7 +3,8 @@
 Each scorer is fitted on training traces, then scores layer l+d's experts for held-out
 tokens after layer l routed: `scores(data, rows, d)` returns [n, L-d, E] for token rows
 `rows` and every source layer l < L-d (higher = more likely). Ties are broken by
-popularity (a tiny added term), so a ranking is always defined.
+popularity (a tiny added term), so a ranking is always defined. `to(device)` after fit()
+moves a scorer's tables; it then scores TokenTensors on that device.
 
 - popularity:     the layer's most used experts in training (same for every token)
 - affinity:       sum over layer l's experts e of P(f at l+d | e at l), counted in training
@@ -36,9 +37,25 @@ class Scorer:
     name = "base"
     needs_lookahead = False
 
+    device = torch.device("cpu")
+
     def fit(self, train: RoutingTrace) -> None:
         self.popularity = popularity(train)  # [L, E]
         self.top_k = train.top_k
+
+    def to(self, device: torch.device | str) -> Scorer:
+        """Move every tensor attribute (and a Predictor) to `device`; returns self."""
+        self.device = torch.device(device)
+        for key, value in vars(self).items():
+            if isinstance(value, (torch.Tensor, Predictor)):
+                setattr(self, key, value.to(self.device))
+            elif isinstance(value, dict):
+                moved = {
+                    k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in value.items()
+                }
+                setattr(self, key, moved)
+        return self
 
     def prepare(self, data: TokenTensors) -> None:
         """Precompute whatever depends on whole held-out sequences (default: nothing)."""
@@ -72,7 +89,7 @@ class AffinityScorer(Scorer):
 
     def scores(self, data: TokenTensors, rows: slice, d: int) -> torch.Tensor:
         if d not in self.tables:
-            self.tables[d] = affinity(self.train, d)
+            self.tables[d] = affinity(self.train, d, self.device).to(self.device)
         table = self.tables[d][:-d]  # [L-d, E, E]
         hot = multi_hot(data.routed_ids[rows][:, :-d], table.shape[-1])  # [n, L-d, E]
         out = torch.einsum("nle,lef->nlf", hot, table)
@@ -127,7 +144,7 @@ class TraceMatchScorer(Scorer):
     def prepare(self, data: TokenTensors) -> None:
         """best[t, l]: the stored request most similar to token t's request after layer l."""
         N, L = data.routed_ids.shape[:2]
-        self.best = torch.zeros(N, L, dtype=torch.long)
+        self.best = torch.zeros(N, L, dtype=torch.long, device=data.device)
         _, counts = torch.unique_consecutive(data.seq_id, return_counts=True)
         start = 0
         for n in counts.tolist():
@@ -143,14 +160,16 @@ class TraceMatchScorer(Scorer):
         dot = (before.flatten(1) @ M.flatten(1).T)[:, None]  # [n, 1, C]
         dot = dot + torch.cumsum(torch.einsum("nle,cle->nlc", hot, M), 1)  # [n, L, C]
         cross = torch.cumsum((before * hot).sum(-1), 1)  # [n, L]
-        own = torch.arange(1, L + 1) * K  # this token's layers <= l, one count each
+        own = (
+            torch.arange(1, L + 1, device=ids.device) * K
+        )  # this token's layers <= l, one count each
         norm2 = before.pow(2).sum((1, 2))[:, None] + 2 * cross + own  # [n, L]
         sim = dot / (norm2.sqrt()[..., None] * self.norms)
         return sim.argmax(-1)  # [n, L]
 
     def scores(self, data: TokenTensors, rows: slice, d: int) -> torch.Tensor:
         best = self.best[rows][:, :-d]  # [n, L-d]
-        target_layer = torch.arange(d, best.shape[1] + d)
+        target_layer = torch.arange(d, best.shape[1] + d, device=best.device)
         matched = self.matrices[best, target_layer]  # [n, L-d, E]
         matched = matched / matched.sum(-1, keepdim=True).clamp_min(1.0)
         return matched + TIE_BREAK * self.prior(best.shape[0], d)

@@ -34,6 +34,7 @@ def _add_trace(sub) -> None:
     p.add_argument("--lookahead", type=int, default=4, help="gate-lookahead distances 1..D")
     p.add_argument("--lookahead-width", type=int, default=None, help="experts kept (def. 2K)")
     p.add_argument("--chunk-tokens", type=int, default=65536, help="token rows per chunk file")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop tracing after this")
     add_dataclass_flags(p, EngineConfig)
     p.set_defaults(run=_run_trace)
 
@@ -57,6 +58,7 @@ def _run_trace(args: argparse.Namespace) -> int:
         lookahead_width=args.lookahead_width,
         chunk_tokens=args.chunk_tokens,
         extra_meta={"prompts_file": str(args.prompts), "command": _command()},
+        max_seconds=args.max_seconds,
     )
     meta = json.loads((out / "meta.json").read_text())
     print(
@@ -89,6 +91,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", default="all", choices=("all", "prefill", "decode"))
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where to train/score")
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="stop after the epoch past this limit"
+    )
 
 
 def _add_train(sub) -> None:
@@ -120,7 +126,16 @@ def _run_train(args: argparse.Namespace) -> int:
         lookahead_width=width,
         hidden=args.hidden,
     )
-    predictor = train_predictor(trace, config, args.epochs, args.batch_size, args.lr, args.seed)
+    predictor = train_predictor(
+        trace,
+        config,
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        device=args.device,
+        max_minutes=args.max_minutes,
+    )
     predictor.training_record["command"] = _command()
     predictor.training_record["date"] = time.strftime("%Y-%m-%d")
     out = predictor.save(args.out)
@@ -168,6 +183,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
+        "device": args.device,
+        "max_minutes": args.max_minutes,
     }
     rows = evaluate_predictors(
         train,  # all tokens: a token routes alike in prefill and decode (prefix only)
@@ -178,6 +195,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         predictors=loaded,
         train_kw=train_kw,
+        device=args.device,
     )
     print(markdown_table(rows, train.top_k))
     record = {
@@ -187,6 +205,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         "test": args.test or f"holdout {args.holdout_fraction} of train sequences",
         "train_tokens": train.num_tokens,
         "test_tokens": test.tokens(args.tokens).num_tokens,
+        "tokens": args.tokens,
+        "title": args.title,
+        "model": train.meta.get("model"),
+        "topology": [train.num_layers, train.num_experts, train.top_k],
+        "device": args.device,
         "rows": rows,
     }
     if args.json:

@@ -94,18 +94,21 @@ def evaluate_predictors(
     tokens: str = "all",
     predictors: dict[str, Predictor] | None = None,
     train_kw: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
     """Fit each named predictor on `train`, score it on `test`; one row per (name, d).
 
     Rows: {"predictor", "d", metrics..., "count"}, or {"predictor", "skipped": why}. Learned
-    predictors ("paper", "ours") are trained here unless given in `predictors`.
+    predictors ("paper", "ours") are trained here unless given in `predictors`. Scoring
+    (and training, with train_kw["device"]) runs on `device`.
     """
     budget = budget or 2 * train.top_k
     distances = [d for d in distances if d < train.num_layers]
     test = test.tokens(tokens)
     if test.num_tokens == 0:
         raise ValueError(f"the held-out traces have no {tokens} tokens")
-    data = TokenTensors.of(test)
+    data = TokenTensors.of(test).to(device)
+    chunk_values = 1 << (23 if data.device.type == "cpu" else 26)
     rows: list[dict[str, Any]] = []
     for name in names:
         scorer = make_scorer(name, (predictors or {}).get(name), **(train_kw or {}))
@@ -114,12 +117,13 @@ def evaluate_predictors(
             continue
         t0 = time.perf_counter()
         scorer.fit(train)
+        scorer.to(device)
         usable = [
             d for d in distances if d <= max(test.max_distance, 0) or not scorer.needs_lookahead
         ]
         if isinstance(getattr(scorer, "predictor", None), Predictor):
             usable = [d for d in usable if d in scorer.predictor.config.distances]
-        for d, metrics in score_predictor(scorer, data, usable, budget).items():
+        for d, metrics in score_predictor(scorer, data, usable, budget, chunk_values).items():
             rows.append({"predictor": name, "d": d, "budget": budget, **metrics})
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
     return rows

@@ -46,23 +46,32 @@ def top_m(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def popularity(trace: RoutingTrace) -> torch.Tensor:
     """[L, E] share of each layer's routed slots that went to each expert (add-one smoothed)."""
-    counts = multi_hot(trace.expert_ids, trace.num_experts).sum(0) + 1.0  # [L, E]
+    # N tokens, L layers, K top-k, E experts: bincount of (layer, expert) pairs
+    L, E = trace.num_layers, trace.num_experts
+    ids = trace.expert_ids.long()  # [N, L, K]
+    flat = (ids + E * torch.arange(L)[:, None])[ids >= 0]
+    counts = torch.bincount(flat, minlength=L * E).view(L, E).float() + 1.0  # [L, E]
     return counts / counts.sum(-1, keepdim=True)
 
 
-def affinity(trace: RoutingTrace, d: int) -> torch.Tensor:
+def affinity(
+    trace: RoutingTrace, d: int, device: torch.device | str = "cpu", chunk_tokens: int = 16384
+) -> torch.Tensor:
     """[L, E, E] P(expert f at layer l+d | expert e at layer l); rows l >= L-d are uniform.
 
     Counted over all tokens: each (e at l, f at l+d) pair of one token adds one; add-one
-    smoothing keeps unseen pairs possible.
+    smoothing keeps unseen pairs possible. Counted on `device` in chunks of tokens (bounds
+    memory), returned on the CPU.
     """
     # N tokens, L layers, E experts
     L, E = trace.num_layers, trace.num_experts
-    table = torch.ones(L, E, E)
-    hot = multi_hot(trace.expert_ids, E)  # [N, L, E]
+    table = torch.ones(L, E, E, device=device)
     if d < L:
-        table[: L - d] += torch.einsum("nle,nlf->lef", hot[:, : L - d], hot[:, d:])
-    return table / table.sum(-1, keepdim=True)
+        for start in range(0, trace.num_tokens, chunk_tokens):
+            ids = trace.expert_ids[start : start + chunk_tokens].to(device)
+            hot = multi_hot(ids, E)  # [n, L, E]
+            table[: L - d] += torch.einsum("nle,nlf->lef", hot[:, : L - d], hot[:, d:])
+    return (table / table.sum(-1, keepdim=True)).cpu()
 
 
 def shift_layers(x: torch.Tensor, shift: int) -> torch.Tensor:

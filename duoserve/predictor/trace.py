@@ -17,7 +17,8 @@ L counts MoE layers only (`topology.moe_layer_ids` maps them to model layers), E
 K top-k. `meta.json`: format, version, model, topology {num_layers, moe_layer_ids,
 num_experts, top_k}, lookahead {distances D, width M}, prompts file, token counts, chunks.
 
-`load_trace` also reads the training module's `routing_trace.safetensors` (expert_ids
+`load_trace` also reads replay files (replay_file.py: the shipped, compact format) and the
+training module's `routing_trace.safetensors` (expert_ids
 [L, N, K] of teacher-forced held-out windows, see duoserve/training/evaluate.py): it has no
 weights and no lookahead fields, its windows become sequences, and every token is marked
 decode (teacher forcing routes each token exactly as decoding the same text would).
@@ -293,7 +294,8 @@ def _load_training_trace(path: Path, tensors: dict[str, torch.Tensor], meta: dic
 
 
 def load_trace(path: str | Path) -> RoutingTrace:
-    """Read a trace folder, one chunk file, or a training `routing_trace.safetensors`."""
+    """Read a trace folder, one chunk file, a replay file (replay_file.py) or a training
+    `routing_trace.safetensors`."""
     path = Path(path)
     if path.is_dir():
         return _load_folder(path)
@@ -303,6 +305,10 @@ def load_trace(path: str | Path) -> RoutingTrace:
         meta = f.metadata() or {}
     if meta.get("format") == FORMAT:
         return _load_folder(path.parent)
+    if meta.get("format") == "duoserve-replay-trace":  # shipped file (replay_file.py)
+        from duoserve.predictor.replay_file import replay_to_trace
+
+        return replay_to_trace(path)
     tensors = _read_chunk(path)
     if "expert_ids" not in tensors or tensors["expert_ids"].dim() != 3:
         raise ValueError(f"{path}: expected expert_ids [L, N, K] (training routing trace)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -224,11 +225,14 @@ def trace_prompts(
     lookahead_width: int | None = None,
     chunk_tokens: int = 65536,
     extra_meta: dict[str, Any] | None = None,
+    max_seconds: float | None = None,
 ) -> Path:
     """Generate for every prompt on `engine` (an LLMEngine) and write a trace folder.
 
     Prompts are cut to `max_prompt_tokens` (and to the context); sequence id = prompt index.
     CUDA graphs are off while tracing (a hook that copies to the host cannot be captured).
+    `max_seconds`: stop stepping after that long and write what was recorded (sequences
+    then end early; meta.json says "stopped_early"); the engine keeps the unfinished ones.
     """
     ids = [engine.tokenizer.encode(p)[:max_prompt_tokens] for p in prompts]
     ids = [p[: engine.max_model_len - max_tokens] for p in ids]
@@ -247,9 +251,13 @@ def trace_prompts(
         engine.add_request(prompt_ids, params, request_id=str(i))
     engine.runner.enable_cuda_graphs(False)
     total = sum(len(p) for p in ids) + max_tokens * len(ids)  # at most (eos may stop early)
+    t0 = time.perf_counter()
     try:
-        with tracer, tqdm(total=total, unit="tok", desc="trace") as bar:
+        with tracer, tqdm(total=total, unit="tok", desc="trace", mininterval=5) as bar:
             while engine.has_unfinished_requests():
+                if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                    writer.meta["stopped_early"] = f"after {max_seconds} s"
+                    break
                 engine.step()
                 rows = tracer.drain()
                 if rows is not None:

@@ -1,4 +1,4 @@
-"""Train a Predictor on routing traces, on the CPU, in minutes.
+"""Train a Predictor on routing traces, on the CPU in minutes (or on a GPU).
 
 Every token of the training traces is a sample for every (l, d) with l + d < L (prompt
 tokens too: a token's routing depends only on its prefix, so prefill and decode route a
@@ -6,7 +6,9 @@ text alike). Loss: cross-entropy of the softmax over layer l+d's experts against
 routed set (each routed expert 1/K), summed over distances and averaged over (token, l).
 AdamW at a constant rate (a decay measured worse: the model is still underfit when
 training ends); a tenth of the sequences is held back for validation and the best
-epoch is kept.
+epoch is kept. `device` moves the token tensors and the Predictor there; the initial
+weights and the batch order come from CPU generators, so a device changes only rounding.
+`max_minutes` stops after the epoch that crosses the limit (the best epoch is still kept).
 """
 
 from __future__ import annotations
@@ -46,6 +48,21 @@ class TokenTensors:
     def num_tokens(self) -> int:
         return self.routed_ids.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.routed_ids.device
+
+    def to(self, device: torch.device | str) -> TokenTensors:
+        """The same tensors on `device`."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TokenTensors(
+            self.routed_ids.to(device),
+            self.prev_ids.to(device),
+            move(self.lookahead_ids),
+            move(self.lookahead_probs),
+            self.seq_id.to(device),
+        )
+
     def inputs(self, predictor: Predictor, d: int, rows: torch.Tensor | slice) -> torch.Tensor:
         """Predictor inputs [B, L, F] for distance d of token rows `rows`."""
         la_ids = la_probs = None
@@ -64,7 +81,7 @@ def batch_loss(
 ) -> torch.Tensor:
     """Mean soft-target cross-entropy over valid (token, l), summed over distances."""
     c = predictor.config
-    total = torch.zeros(())
+    total = torch.zeros((), device=data.device)
     for d in c.distances:
         P = c.num_layers - d  # source layers with a target
         logits = predictor.logits(d, data.inputs(predictor, d, rows)[:, :P], slice(0, P))
@@ -94,39 +111,53 @@ def train_predictor(
     lr: float = 1e-2,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    device: torch.device | str = "cpu",
+    max_minutes: float | None = None,
 ) -> Predictor:
-    """Fit a Predictor to `trace`; its training_record says what was done."""
+    """Fit a Predictor to `trace` on `device` (returned there, eval mode); its
+    training_record says what was done. Stops after `epochs`, or after the first epoch
+    that ends past `max_minutes`; the weights of the best validation epoch are kept."""
     check_trainable(trace, config)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     fit, valid = split_by_sequence(trace, 0.1, seed) if _num_seqs(trace) >= 10 else (trace, trace)
-    predictor = Predictor(config)
-    predictor.set_tables(popularity(fit), {d: affinity(fit, d) for d in config.distances})
-    fit_data, valid_data = TokenTensors.of(fit), TokenTensors.of(valid)
+    predictor = Predictor(config)  # initialised on the CPU: the same weights on any device
+    predictor.set_tables(popularity(fit), {d: affinity(fit, d, device) for d in config.distances})
+    predictor.to(device)
+    fit_data, valid_data = TokenTensors.of(fit).to(device), TokenTensors.of(valid).to(device)
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    best = (float("inf"), 0, None)
+    best: tuple[float, int, dict | None] = (float("inf"), 0, None)
+    epochs_run = 0
     for epoch in range(1, epochs + 1):
         predictor.train()
-        order = torch.randperm(fit_data.num_tokens, generator=gen)
+        order = torch.randperm(fit_data.num_tokens, generator=gen).to(device)
         for start in range(0, fit_data.num_tokens, batch_size):
             loss = batch_loss(predictor, fit_data, order[start : start + batch_size])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         valid_loss = validation_loss(predictor, valid_data, batch_size)
-        log(f"epoch {epoch}: validation loss {valid_loss:.4f} ({time.perf_counter() - t0:.0f} s)")
+        epochs_run, elapsed = epoch, time.perf_counter() - t0
+        log(f"epoch {epoch}: validation loss {valid_loss:.4f} ({elapsed:.0f} s)")
         if valid_loss < best[0]:
             state = {k: v.detach().clone() for k, v in predictor.state_dict().items()}
             best = (valid_loss, epoch, state)
+        if max_minutes is not None and elapsed >= 60 * max_minutes and epoch < epochs:
+            log(f"stopping after epoch {epoch}: past the {max_minutes} min limit")
+            break
+    assert best[2] is not None, "no epoch ran (epochs must be >= 1)"
     predictor.load_state_dict(best[2])
     predictor.training_record = {
         "train_tokens": fit.num_tokens,
         "valid_tokens": valid.num_tokens,
         "epochs": epochs,
+        "epochs_run": epochs_run,
         "best_epoch": best[1],
         "valid_loss": best[0],
         "seconds": round(time.perf_counter() - t0, 1),
+        "device": str(device),
+        "max_minutes": max_minutes,
         "sources": trace.meta.get("sources", [trace.meta.get("source")]),
     }
     return predictor.eval()
@@ -140,10 +171,10 @@ def _num_seqs(trace: RoutingTrace) -> int:
 def validation_loss(predictor: Predictor, data: TokenTensors, batch_size: int) -> float:
     """batch_loss averaged over all tokens of `data`."""
     predictor.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=data.device), 0  # summed on the device: one sync
     for start in range(0, data.num_tokens, batch_size):
         rows = slice(start, min(start + batch_size, data.num_tokens))
         n = rows.stop - rows.start
-        total += float(batch_loss(predictor, data, rows)) * n
+        total += batch_loss(predictor, data, rows) * n
         count += n
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
