@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -24,17 +25,35 @@ from duoserve.engine.context import get_step_context
 class RoutingPlan:
     """Which experts a layer's tokens use.
 
-    Assignment rows (one per token x choice, T*K of them) are sorted by expert. The host
-    lists come from the one routing sync and are None for backends that need no sync.
+    Assignment rows (one per token x choice, T*K of them) sorted by expert are built on first
+    use (`order_dev` ...), so a backend that sorts by its own key pays for one sort only. The
+    host lists come from the one routing sync and are None for backends that need no sync.
     """
 
     layer_id: int
-    order_dev: torch.Tensor  # [T*K] flat assignment index, sorted by expert
-    token_rows_dev: torch.Tensor  # [T*K] token row of each sorted assignment
-    expert_of_row_dev: torch.Tensor  # [T*K] expert of each sorted assignment
+    flat_ids_dev: torch.Tensor  # [T*K] expert of each (token, choice), token-major
+    top_k: int
     counts_dev: torch.Tensor  # [E] assignments per expert
     expert_ids: list[int] | None = None  # experts used by >= 1 token, ascending
     token_counts: list[int] | None = None  # assignments per used expert
+    extra_dev: torch.Tensor | None = None  # a backend's [n] int64 tensor to ride the sync
+    extra_host: list[int] | None = None  # ... and its values after the sync
+    rows_are_flat: bool = False  # set by a backend that filled out_rows in (token, choice) order
+
+    @cached_property
+    def order_dev(self) -> torch.Tensor:
+        """[T*K] flat assignment index, sorted by expert (stable: token order within one)."""
+        return torch.argsort(self.flat_ids_dev, stable=True)
+
+    @cached_property
+    def token_rows_dev(self) -> torch.Tensor:
+        """[T*K] token row of each sorted assignment."""
+        return self.order_dev // self.top_k
+
+    @cached_property
+    def expert_of_row_dev(self) -> torch.Tensor:
+        """[T*K] expert of each sorted assignment."""
+        return self.flat_ids_dev[self.order_dev]
 
     @property
     def row_offsets(self) -> list[int]:
@@ -48,18 +67,18 @@ class RoutingPlan:
 def plan_routing(
     layer_id: int, topk_ids: torch.Tensor, num_experts: int, sync: bool
 ) -> RoutingPlan:
-    """Sort a layer's assignments by expert; with `sync`, bring the counts to the host.
+    """Count a layer's assignments per expert; with `sync`, bring the counts to the host.
 
     topk_ids: [T, K] expert ids on the device.
     """
-    K = topk_ids.shape[1]
     flat = topk_ids.flatten()  # [T*K]
-    order = torch.argsort(flat, stable=True)
-    counts_dev = count_groups(flat, num_experts)
-    plan = RoutingPlan(layer_id, order, order // K, flat[order], counts_dev)
+    plan = RoutingPlan(layer_id, flat, topk_ids.shape[1], count_groups(flat, num_experts))
     if sync:
         sync_routed_experts(plan)
     return plan
+
+
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def count_groups(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -67,17 +86,30 @@ def count_groups(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
 
     (torch.bincount syncs on CUDA to size its output; a scatter-add of fixed size does not.)
     """
-    counts = torch.zeros(num_groups, dtype=torch.long, device=group_ids.device)
-    return counts.scatter_add_(0, group_ids, torch.ones_like(group_ids))
+    n, device = group_ids.numel(), group_ids.device
+    ones = _ONES.get((n, device))
+    if ones is None:
+        ones = torch.ones(n, dtype=torch.long, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ONES[(n, device)] = ones  # NOTE: never keep a tensor of a graph's private pool
+    counts = torch.zeros(num_groups, dtype=torch.long, device=device)
+    return counts.scatter_add_(0, group_ids, ones)
 
 
 def sync_routed_experts(plan: RoutingPlan) -> None:
-    """THE per-layer host sync: bring the routed expert counts to the host, timed."""
+    """THE per-layer host sync: bring the routed expert counts (and a backend's `extra_dev`,
+    concatenated: still one transfer) to the host, timed."""
     t0 = time.perf_counter()
-    counts = plan.counts_dev.tolist()  # NOTE: the one host sync of a MoE layer
+    both = (
+        plan.counts_dev if plan.extra_dev is None else torch.cat([plan.counts_dev, plan.extra_dev])
+    )
+    values = both.tolist()  # NOTE: the one host sync of a MoE layer
     stats = get_step_context().stats
     stats["routing_sync_s"] = stats.get("routing_sync_s", 0.0) + time.perf_counter() - t0
     stats["routing_syncs"] = stats.get("routing_syncs", 0) + 1
+    E = plan.counts_dev.shape[0]
+    counts = values[:E] if plan.extra_dev is not None else values
+    plan.extra_host = values[E:] if plan.extra_dev is not None else None
     plan.expert_ids = [e for e, n in enumerate(counts) if n]
     plan.token_counts = [counts[e] for e in plan.expert_ids]
 
@@ -95,19 +127,40 @@ MAX_GROUPS = 1000  # torch._grouped_mm refuses 1024 groups and more
 
 
 def grouped_expert_mlp(
-    x_rows: torch.Tensor, pool: torch.Tensor, group_of_row: torch.Tensor, inter: int
+    x_rows: torch.Tensor,
+    pool: torch.Tensor,
+    group_of_row: torch.Tensor | None,
+    inter: int,
+    offs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """expert_mlp for many rows at once: row r uses packed expert pool[group_of_row[r]].
 
     x_rows [N, H] sorted by group; pool [G, 3*I*H]; one grouped GEMM per projection, no loop
-    and no host sync (empty groups cost nothing).
+    and no host sync (empty groups cost nothing). `offs` [G] int32 (end row of each group)
+    may be given instead of `group_of_row`.
     """
     # N rows, G groups, H hidden, I intermediate
     G, H = pool.shape[0], x_rows.shape[1]
     assert G <= MAX_GROUPS, f"grouped GEMM takes at most {MAX_GROUPS} groups, got {G}"
-    offs = torch.cumsum(count_groups(group_of_row, G), 0).to(torch.int32)  # [G]
+    if offs is None:
+        offs = torch.cumsum(count_groups(group_of_row, G), 0).to(torch.int32)  # [G]
+    gate_up, down = pool_views(pool, inter, H)
+    return grouped_mlp_views(x_rows, gate_up, down, offs, inter)
+
+
+def pool_views(pool: torch.Tensor, inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed experts [G, 3*I*H] as grouped-GEMM operands: gate_up [G, H, 2I], down [G, I, H]
+    (views: make them once per pool and slice windows from them)."""
+    G, H = pool.shape[0], hidden
     gate_up = pool[:, : 2 * inter * H].view(G, 2 * inter, H).transpose(1, 2)  # [G, H, 2I]
     down = pool[:, 2 * inter * H :].view(G, H, inter).transpose(1, 2)  # [G, I, H]
+    return gate_up, down
+
+
+def grouped_mlp_views(
+    x_rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, inter: int
+) -> torch.Tensor:
+    """grouped_expert_mlp on pool_views operands; offs [G] int32 end row of each group."""
     h = torch._grouped_mm(x_rows, gate_up, offs=offs)  # [N, 2I]
     h = F.silu(h[:, :inter]) * h[:, inter:]  # [N, I]
     return torch._grouped_mm(h, down, offs=offs)  # [N, H]
@@ -131,8 +184,13 @@ class ExpertBackend(Protocol):
     needs_host_plan: bool  # whether compute() needs plan.expert_ids (the routing sync)
 
     def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
-        """Fill out_rows[r] (sorted assignment rows, [T*K, H]) with expert(x[token of r])."""
+        """Fill out_rows[r] (sorted assignment rows, [T*K, H]) with expert(x[token of r]),
+        or, setting plan.rows_are_flat, out_rows[t*K + k] with expert k of token t."""
         ...
+
+    # Optional: before_sync(layer_id, x, topk_ids, plan) -> [n] int64 device tensor or None,
+    # called after routing and before the routing sync; its values arrive in plan.extra_host
+    # with the same sync (the decode predictor's ids: offload/prefetch.py).
 
 
 class DenseMLP(nn.Module):
@@ -184,13 +242,19 @@ class MoEBlock(nn.Module):
         topk_ids, topk_weights = self.route(x)
         if self.routing_hook is not None:
             topk_ids, topk_weights = self.routing_hook(self.layer_id, x, topk_ids, topk_weights)
-        plan = plan_routing(
-            self.layer_id, topk_ids, self.num_experts, sync=self.backend.needs_host_plan
-        )
-        sorted_rows = torch.empty(T * self.top_k, H, dtype=x.dtype, device=x.device)
-        self.backend.compute(x, plan, sorted_rows)
-        rows = torch.empty_like(sorted_rows)
-        rows[plan.order_dev] = sorted_rows  # back to [T*K] in (token, choice) order
+        backend = self.backend
+        plan = plan_routing(self.layer_id, topk_ids, self.num_experts, sync=False)
+        if backend.needs_host_plan:
+            before_sync = getattr(backend, "before_sync", None)
+            if before_sync is not None:
+                plan.extra_dev = before_sync(self.layer_id, x, topk_ids, plan)
+            sync_routed_experts(plan)
+        rows = torch.empty(T * self.top_k, H, dtype=x.dtype, device=x.device)
+        backend.compute(x, plan, rows)
+        if not plan.rows_are_flat:
+            flat_rows = torch.empty_like(rows)
+            flat_rows[plan.order_dev] = rows  # back to [T*K] in (token, choice) order
+            rows = flat_rows
         out = (rows.view(T, self.top_k, H).float() * topk_weights[:, :, None].float()).sum(1)
         out = out.to(x.dtype)
         if self.shared_expert is not None:

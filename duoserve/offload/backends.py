@@ -16,8 +16,9 @@ from duoserve.config import ModelConfig
 from duoserve.layers.moe import (
     MAX_GROUPS,
     RoutingPlan,
-    grouped_expert_mlp,
+    grouped_mlp_views,
     grouped_mm_supported,
+    pool_views,
 )
 from duoserve.offload.expert_cache import ExpertCache
 from duoserve.offload.host_store import HostExpertStore
@@ -57,68 +58,99 @@ class CachedExperts:
         )
         self.scratch = make_dequant_scratch(self.layout, store.compute_dtype, device)
         self.device = device
+        self.moe_index = {layer_id: i for i, layer_id in enumerate(cfg.moe_layer_ids)}
+        # Sort key of each expert per MoE layer (slot, + S while its bytes are in flight),
+        # written on the host into a (pinned) staging row and copied once per layer; a row is
+        # rewritten only a step later, long after its copy ran (later routing syncs waited).
+        shape = (cfg.num_moe_layers, cfg.num_experts)
+        cuda = device.type == "cuda"
+        self.keys_host = torch.zeros(shape, dtype=torch.long, pin_memory=cuda)
+        self.keys_np = self.keys_host.numpy()
+        self.keys_dev = torch.zeros(shape, dtype=torch.long, device=device) if cuda else None
+        self.group_index = torch.arange(MAX_GROUPS, device=device)  # searchsorted probes
+        H, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        self.pool_views = pool_views(self.cache.slots, inter, H) if self.grouped else None
 
     needs_host_plan = True  # misses must be known on the host to be copied
 
     def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
-        wave = self.cache.num_slots
-        for lo in range(0, len(plan.expert_ids), wave):
-            self._compute_wave(x, plan, range(lo, min(lo + wave, len(plan.expert_ids))), out_rows)
+        wave, n = self.cache.num_slots, len(plan.expert_ids)
+        plan.rows_are_flat = self.grouped  # grouped: rows written in (token, choice) order
+        for lo in range(0, max(n, 1), wave):
+            js = range(lo, min(lo + wave, n))
+            self._compute_wave(x, plan, js, out_rows, first=lo == 0, last=lo + wave >= n)
         if len(self.transfer.stats.pending_wait) > MAX_PENDING_EVENTS:
             self.transfer.resolve()
 
-    def _compute_wave(self, x, plan: RoutingPlan, js: range, out_rows: torch.Tensor) -> None:
-        layer_id, inter = plan.layer_id, self.cfg.moe_intermediate_size
-        expert_ids = [plan.expert_ids[j] for j in js]
+    def after_misses_issued(self, x: torch.Tensor, plan: RoutingPlan) -> None:
+        """Called once per layer after its (last wave's) misses were issued, before compute
+        (the prefetching schedule issues its prefetches here)."""
+
+    def _compute_wave(self, x, plan: RoutingPlan, js: range, out_rows, first, last) -> None:
+        layer_id = plan.layer_id
+        expert_ids = plan.expert_ids[js.start : js.stop]
         if self.access_log is not None:
             self.access_log.append((layer_id, tuple(expert_ids)))
         slots = self.cache.acquire_group(layer_id, expert_ids)
-        by_expert = {s.key[1]: s for s in slots}
+        copy_in, cache_slots, store = self.transfer.copy_in, self.cache.slots, self.store
         for s in slots:  # issue every miss before any compute
             if not s.is_hit:
-                self.transfer.copy_in(s.slot, self.store.expert(*s.key), self.cache.slots[s.slot])
+                copy_in(s.slot, store.expert(*s.key), cache_slots[s.slot])
+        if last:
+            self.after_misses_issued(x, plan)
+        ready_events = self.transfer.ready_events
+        # pending: a miss, or a hit whose copy (a prefetch) may still be in flight
+        pending = [not s.is_hit or ready_events[s.slot] is not None for s in slots]
         if self.grouped:
-            self._grouped_wave(x, plan, js, slots, out_rows)
+            self._grouped_wave(x, plan, slots, pending, out_rows, first and last)
         else:
-            ordered = sorted(js, key=lambda j: not by_expert[plan.expert_ids[j]].is_hit)
-            for j in ordered:  # hits first: they compute while the misses land
-                s = by_expert[plan.expert_ids[j]]
-                if not s.is_hit:
+            for j, s, wait in sorted(zip(js, slots, pending), key=lambda t: t[2]):
+                if wait:  # hits first: they compute while the misses land
                     self.transfer.wait_ready(s.slot)
-                weights = self.cache.slots[s.slot]
-                compute_expert_rows(x, plan, j, weights, inter, out_rows, self.layout, self.scratch)
-                self.transfer.mark_read(s.slot)
+                w = cache_slots[s.slot]
+                compute_expert_rows(x, plan, j, w, self.cfg.moe_intermediate_size, out_rows,
+                                    self.layout, self.scratch)  # fmt: skip
+        self.transfer.mark_read_slots([s.slot for s in slots])
         self.cache.release(slots)
 
-    def _grouped_wave(self, x, plan: RoutingPlan, js: range, slots, out_rows) -> None:
-        """The wave's hits in grouped GEMMs over the slot pool while its misses land, then the
-        misses once their ready events fired (one GEMM per window of MAX_GROUPS slots)."""
+    def _sort_keys(self, plan: RoutingPlan, slots, pending, only_wave: bool) -> torch.Tensor:
+        """[E] device sort key per expert: slot (+ S if pending); 2S for experts of other waves."""
+        S = self.cache.num_slots
+        if not only_wave:  # a layer served in several waves (rare): a fresh small tensor
+            keys = [2 * S] * self.cfg.num_experts
+            for s, wait in zip(slots, pending):
+                keys[s.key[1]] = s.slot + S * wait
+            return torch.tensor(keys, dtype=torch.long, device=self.device)
+        li = self.moe_index[plan.layer_id]
+        row = self.keys_np[li]
+        for s, wait in zip(slots, pending):
+            row[s.key[1]] = s.slot + S * wait
+        if self.keys_dev is None:
+            return self.keys_host[li]
+        return self.keys_dev[li].copy_(self.keys_host[li], non_blocking=True)
+
+    def _grouped_wave(self, x, plan: RoutingPlan, slots, pending, out_rows, only_wave) -> None:
+        """The wave's rows sorted by key: ready experts in grouped GEMMs over windows of the
+        slot pool while the pending ones land, then the pending ones after their events.
+        Writes rows in (token, choice) order (plan.rows_are_flat)."""
+        # n = T*K assignments, S slots, G groups of one window
         S, inter = self.cache.num_slots, self.cfg.moe_intermediate_size
-        offsets = plan.row_offsets
-        lo, hi = offsets[js[0]], offsets[js[-1] + 1]
-        key_of_expert = [0] * self.cfg.num_experts  # slot, plus S for misses: hits sort first
-        entries = []
-        for j, s in zip(js, slots):
-            key_of_expert[s.key[1]] = s.slot + (0 if s.is_hit else S)
-            entries.append((key_of_expert[s.key[1]], plan.token_counts[j]))
-        keys = torch.tensor(key_of_expert, dtype=torch.long, device=self.device)
-        key_of_row = keys[plan.expert_of_row_dev[lo:hi]]  # [n]
-        perm = torch.argsort(key_of_row, stable=True)
-        slot_of_row = key_of_row[perm] % S
-        token_rows = plan.token_rows_dev[lo:hi][perm]
+        keys = self._sort_keys(plan, slots, pending, only_wave)
+        key_sorted, order = torch.sort(keys[plan.flat_ids_dev], stable=True)  # [n], [n]
+        x_sorted = x[order // plan.top_k]  # [n, H]
+        counts = dict(zip(plan.expert_ids, plan.token_counts))
+        entries = sorted((s.slot + S * w, counts[s.key[1]]) for s, w in zip(slots, pending))
         waited = False
-        for is_miss, window, a, b in _row_ranges(sorted(entries), S):
-            if is_miss and not waited:
-                for s in slots:
-                    if not s.is_hit:
-                        self.transfer.wait_ready(s.slot)
+        for lo_key, hi_key, a, b in _key_runs(entries, S):
+            if lo_key >= S and not waited:
+                self.transfer.wait_ready_slots([s.slot for s, w in zip(slots, pending) if w])
                 waited = True
-            base = window * MAX_GROUPS
-            pool = self.cache.slots[base : base + MAX_GROUPS]
-            y = grouped_expert_mlp(x[token_rows[a:b]], pool, slot_of_row[a:b] - base, inter)
-            out_rows[lo + perm[a:b]] = y
-        for s in slots:
-            self.transfer.mark_read(s.slot)
+            G, base = hi_key - lo_key + 1, lo_key % S
+            offs = torch.searchsorted(
+                key_sorted[a:b] - lo_key, self.group_index[:G], right=True, out_int32=True
+            )  # [G] end row of each group
+            gate_up, down = (v[base : base + G] for v in self.pool_views)
+            out_rows[order[a:b]] = grouped_mlp_views(x_sorted[a:b], gate_up, down, offs, inter)
 
     def stats(self) -> dict[str, float]:
         t = self.transfer.resolve()
@@ -138,18 +170,19 @@ class CachedExperts:
         }
 
 
-def _row_ranges(entries: list[tuple[int, int]], num_slots: int) -> list[list]:
-    """[is_miss, window, first row, end row] runs of rows sorted by key (slot, + S if miss)."""
-    ranges: list[list] = []
+def _key_runs(entries: list[tuple[int, int]], num_slots: int) -> list[list[int]]:
+    """[first key, last key, first row, end row] runs of (key, rows) entries sorted by key:
+    a run never mixes ready (< S) and pending (>= S) keys and spans at most MAX_GROUPS keys."""
+    runs: list[list[int]] = []
     pos = 0
     for key, n in entries:
-        is_miss, window = key >= num_slots, (key % num_slots) // MAX_GROUPS
-        if ranges and ranges[-1][0] == is_miss and ranges[-1][1] == window:
-            ranges[-1][3] += n
+        run = runs[-1] if runs else None
+        if run and (run[0] >= num_slots) == (key >= num_slots) and key - run[0] < MAX_GROUPS:
+            run[1], run[3] = key, run[3] + n
         else:
-            ranges.append([is_miss, window, pos, pos + n])
+            runs.append([key, key, pos, pos + n])
         pos += n
-    return ranges
+    return runs
 
 
 class OnDemandExperts:

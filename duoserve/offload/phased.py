@@ -28,6 +28,17 @@ class PhasedExperts:
         phase = get_step_context().phase
         (self.prefill if phase == "prefill" else self.decode).compute(x, plan, out_rows)
 
+    def before_sync(self, layer_id: int, x: torch.Tensor, topk_ids: torch.Tensor, plan):
+        """Both schedules see every layer's routing (the decode predictor keeps per-request
+        state through prefill); the active one's tensor rides the routing sync."""
+        active = self.prefill if get_step_context().phase == "prefill" else self.decode
+        out = None
+        for backend in (self.prefill, self.decode):
+            hook = getattr(backend, "before_sync", None)
+            extra = None if hook is None else hook(layer_id, x, topk_ids, plan)
+            out = extra if backend is active else out
+        return out
+
     def stats(self) -> dict[str, float]:
         """The decode backend's counters (shared cache and transfer: totals of both phases),
         plus the prefill schedule's own counters prefixed `prefill_`."""

@@ -54,7 +54,13 @@ def plan_for(
         return None
     policy = resolve_policy(engine)
     plan = plan_memory(
-        cfg, engine, dtype, device, policy, min_expert_slots=1 if policy == "ondemand" else None
+        cfg,
+        engine,
+        dtype,
+        device,
+        policy,
+        min_expert_slots=1 if policy == "ondemand" else None,
+        prefill_ring=SCHEDULES.get(policy, ("",))[0] == "pipeline",
     )
     if policy == "ondemand":
         plan = MemoryPlan(**{**plan.__dict__, "num_expert_slots": 1})
@@ -136,6 +142,9 @@ def _build_scheduled(policy, model, cfg, engine, store, device, plan: MemoryPlan
         return out
 
     prefill, decode = schedule(prefill_kind), schedule(decode_kind)
+    for s in {id(prefill): prefill, id(decode): decode}.values():
+        if hasattr(s, "phases"):  # a schedule that also sees the other phase's routing
+            s.phases = tuple(p for p, b in (("prefill", prefill), ("decode", decode)) if b is s)
     if prefill is decode:
         decode.name = policy
         return decode

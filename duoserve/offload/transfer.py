@@ -96,6 +96,32 @@ class TransferEngine:
             stream.wait_event(ready)
         self.ready_events[slot] = None
 
+    def wait_ready_slots(self, slots: list[int]) -> None:
+        """wait_ready for several slots, timed as one stall (one event pair for all of them)."""
+        ready = [self.ready_events[s] for s in slots if self.ready_events[s] is not None]
+        for s in slots:
+            self.ready_events[s] = None
+        if not self.is_cuda or not ready:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        before = self._event(True) if self.timed else None
+        if before is not None:
+            before.record(stream)
+        for event in ready:
+            stream.wait_event(event)
+        if before is not None:
+            after = self._event(True)
+            after.record(stream)
+            self.stats.pending_wait.append((before, after))
+
+    def mark_read_slots(self, slots: list[int]) -> None:
+        """mark_read for several slots with one event (recorded once, shared)."""
+        if self.is_cuda and slots:
+            done = self._event()
+            done.record(torch.cuda.current_stream(self.device))
+            for s in slots:
+                self.done_events[s] = done
+
     def mark_read(self, slot: int) -> None:
         """Record that compute issued so far is the last reader of `slot`."""
         if self.is_cuda:
@@ -116,3 +142,83 @@ class TransferEngine:
             self.stats.pending_copy.clear()
             self.stats.pending_wait.clear()
         return self.stats
+
+    # ------------------------------------------------------------------ event-level API
+    # For schedules that own their staging buffers (the prefill ring, offload/prefill.py): the
+    # caller keeps the events. Bytes and timings count in `stats` and, when given, in `also`.
+
+    def copy_after(
+        self,
+        src_host: torch.Tensor,
+        dst: torch.Tensor,
+        after=None,
+        also: TransferStats | None = None,
+    ):
+        """Start copying `src_host` into `dst` on the copy stream once event `after` (the last
+        reader of `dst`) has fired; returns the ready event at once (None on the CPU, where the
+        copy is complete when this returns)."""
+        nbytes = src_host.numel() * src_host.element_size()
+        for s in (self.stats, also):
+            if s is not None:
+                s.num_copies += 1
+                s.bytes_copied += nbytes
+        if not self.is_cuda:
+            dst.copy_(src_host)
+            return None
+        with torch.cuda.stream(self.copy_stream):
+            if after is not None:
+                self.copy_stream.wait_event(after)
+            start = self._event(True) if self.timed else None
+            if start is not None:
+                start.record(self.copy_stream)
+            dst.copy_(src_host, non_blocking=True)
+            ready = self._event(self.timed)
+            ready.record(self.copy_stream)
+        if start is not None:
+            for s in (self.stats, also):
+                if s is not None:
+                    s.pending_copy.append((start, ready))
+        return ready
+
+    def wait_event(self, ready, also: TransferStats | None = None) -> None:
+        """Make the compute stream wait for `ready` (no host wait); the stall is timed."""
+        if not self.is_cuda or ready is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if not self.timed:
+            stream.wait_event(ready)
+            return
+        before, after = self._event(True), self._event(True)
+        before.record(stream)
+        stream.wait_event(ready)
+        after.record(stream)
+        for s in (self.stats, also):
+            if s is not None:
+                s.pending_wait.append((before, after))
+
+    def record_compute(self):
+        """An event recorded now on the compute stream (None on the CPU): a `done` event."""
+        if not self.is_cuda:
+            return None
+        done = self._event()
+        done.record(torch.cuda.current_stream(self.device))
+        return done
+
+
+def resolve_stats(stats: TransferStats, wait: bool = True) -> TransferStats:
+    """Fold event pairs of `stats` into seconds: all of them (`wait`: blocks until the last
+    pair of each list fired), or only pairs whose end event has fired (never blocks)."""
+    for pending, attr in (
+        (stats.pending_copy, "copy_seconds"),
+        (stats.pending_wait, "wait_seconds"),
+    ):
+        if not pending:
+            continue
+        if wait:
+            pending[-1][1].synchronize()  # each list's pairs were recorded on one stream
+        fired = [wait or end.query() for _, end in pending]
+        done = [p for p, f in zip(pending, fired) if f]
+        seconds = sum(a.elapsed_time(b) for a, b in done) / 1e3
+        setattr(stats, attr, getattr(stats, attr) + seconds)
+        pending[:] = [p for p, f in zip(pending, fired) if not f]
+    return stats
