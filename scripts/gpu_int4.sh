@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU machine, issue 7: the int4 kernel bench (config sweep, % of the HBM roofline, vs cuBLAS
-# bf16, prefill overhead at 512 tokens, a PINNED table to paste) and the GPU tests of
-# tests/test_quant.py (real Mixtral / Qwen3-30B-A3B shapes). About 3 minutes on one H100.
+# GPU machine, issue 7: the int4 kernel bench (config sweep of the stream kernel and the round-1
+# gemv/mma, % of the HBM roofline, vs cuBLAS bf16, prefill at 512 tokens: dequant + cuBLAS,
+# fused mma, and the next expert's dequant overlapped on a side stream; a PINNED table to
+# paste) and the GPU tests of tests/test_quant.py (real Mixtral / Qwen3-30B-A3B shapes).
+# About 3 minutes on one H100 (most of it triton compiling ~55 kernel variants).
 # Run from the repo root; logs and JSON go to $OUT (or ./out).
 # SMOKE=1: CPU smoke test of the bench (Triton interpreter, tiny shapes); no GPU tests.
 set -uo pipefail

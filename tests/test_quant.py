@@ -352,10 +352,9 @@ def _check_kernel_case(config: KernelConfig, num_tokens: int, symmetric: bool) -
     buffer, layout = _tiny_expert(symmetric, seed=9)
     g, h, i = layout.group_size, layout.hidden_size, layout.intermediate_size
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    # gemv uses the exact (q - z) * s; gemm rounds it to bf16 first, as the torch path does
-    w_dtype = torch.float32 if config.kernel == "gemv" else torch.bfloat16
-    w_gu = dequantize_int4(*gate_up, g, dtype=w_dtype).float()
-    w_down = dequantize_int4(*down, g, dtype=w_dtype).float()
+    # every fused kernel computes with the exact weights (q - z) * s (fp32)
+    w_gu = dequantize_int4(*gate_up, g, dtype=torch.float32)
+    w_down = dequantize_int4(*down, g, dtype=torch.float32)
     x = torch.randn(num_tokens, h, generator=torch.Generator().manual_seed(10)).bfloat16()
     act = torch.full((num_tokens, i), float("nan"))  # poisoned fp32 outputs
     int4_gate_up_silu(x, *gate_up, g, out=act, backend="triton", config=config)
@@ -371,25 +370,29 @@ def _check_dequant_and_expert() -> None:
     buffer, layout = _tiny_expert(False, seed=11)
     gate_up, g = layout.gate_up_views(buffer), layout.group_size
     out = torch.full((192, 128), float("nan"), dtype=torch.bfloat16)  # [2I, H]
-    config = KernelConfig("dequant", 16, block_k=16)
+    config = KernelConfig("dequant", 16, unroll=2)
     dequantize_int4_into(*gate_up, g, out, backend="triton", config=config)
     assert torch.equal(out, dequantize_int4(*gate_up, g)), "dequant kernel not bit-exact"
     x = torch.randn(18, 128, generator=torch.Generator().manual_seed(12)).bfloat16()
     expected = expert_forward_int4_reference(x, buffer, layout)
-    for t in (1, 4, 18):  # default configs: gemv, gemm decode tile, gemm prefill tile
+    for t in (1, 2, 18):  # default configs: stream 1 and 2 tokens, dequant + matmul
         got = expert_forward_int4(x[:t], buffer, layout, backend="triton")
         assert _rel(got, expected[:t]) < 1e-2, f"expert T={t}"
 
 
-# (config, tokens, symmetric): K tiles below and at the group, split-K (uneven splits too),
-# several token tiles, masked rows (block_n does not divide N)
+# (config, tokens, symmetric). stream: K steps of 2 groups (down: K = 96, the last step half
+# masked) and of the whole K, 1..4 tokens in tiles of 1, 2, 4, masked rows (block_n does not
+# divide N); gemv/mma (round 1): split-K (uneven too), unrolled groups, several token tiles.
 INTERPRETER_CASES = [
-    (KernelConfig("gemv", 32, 32, 1, 4, 2, split_k=1), 1, False),
-    (KernelConfig("gemv", 64, 16, 1, 2, 3, split_k=3), 1, True),
-    (KernelConfig("gemv", 64, 64, 1, 4, 2, split_k=2), 1, False),
-    (KernelConfig("gemm", 16, 32, 16, 4, 2, split_k=2), 3, False),
-    (KernelConfig("gemm", 64, 16, 16, 4, 2, split_k=3), 16, True),
-    (KernelConfig("gemm", 64, 32, 32, 4, 2, split_k=1), 37, False),
+    (KernelConfig("stream", 64, 64, 1), 1, False),
+    (KernelConfig("stream", 16, 128, 2, num_stages=2), 2, True),
+    (KernelConfig("stream", 32, 64, 4), 3, False),
+    (KernelConfig("stream", 64, 4096, 4), 4, True),
+    (KernelConfig("gemv", 32, split_k=3, prefetch=True), 1, False),
+    (KernelConfig("gemv", 64, split_k=2, unroll=2), 1, True),
+    (KernelConfig("mma", 16, block_t=16, split_k=2), 3, False),
+    (KernelConfig("mma", 64, block_t=16, split_k=3, unroll=1), 16, True),
+    (KernelConfig("mma", 64, block_t=32, split_k=1, unroll=3), 37, False),
 ]
 
 
@@ -436,8 +439,7 @@ def test_kernels_gpu_real_shapes(shape: str) -> None:
         for kind in kinds_for_tokens(t):
             config = candidate_configs(kind)[0]
             for op, w in ops.items():
-                w_dtype = torch.float32 if config.kernel == "gemv" else torch.bfloat16
-                w_ref = dequantize_int4(*w, 128, dtype=w_dtype).float()
+                w_ref = dequantize_int4(*w, 128, dtype=torch.float32)  # exact weights
                 x = torch.randn(t, w_ref.shape[1], generator=gen, device="cuda").bfloat16()
                 ref = x.float() @ w_ref.T
                 n_out = w_ref.shape[0] // 2 if op == "gate_up" else w_ref.shape[0]
@@ -468,3 +470,24 @@ def test_expert_forward_gpu_real_shapes(shape: str) -> None:
     for t in (1, 2, 4, 8, 16, 64, 512):
         got = expert_forward_int4(x[:t], buffer, layout)
         assert _rel(got, expected[:t]) < 1e-2, (shape, t, _rel(got, expected[:t]))
+
+
+@pytest.mark.gpu
+def test_experts_prefill_overlapped_gpu() -> None:
+    # dequant of expert e+1 on a side stream: the same outputs as one expert after the other
+    from duoserve.quant.int4_prefill import experts_prefill_overlapped
+
+    set_autotune(False)
+    h, i = GPU_SHAPES["qwen3-30b-a3b"]
+    experts = [_gpu_expert(h, i) for _ in range(3)]
+    layout = experts[0][1]
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(t, h, generator=gen).bfloat16().cuda() for t in (300, 17, 512)]
+    numel = 3 * h * i
+    scratches = tuple(torch.empty(numel, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    got = experts_prefill_overlapped(
+        xs, [b for b, _ in experts], layout, scratches, torch.cuda.Stream()
+    )
+    for x, (buffer, _), y in zip(xs, experts, got, strict=True):
+        expected = expert_forward_int4(x, buffer, layout, scratch=torch.empty_like(scratches[0]))
+        assert torch.equal(y, expected), "overlapped prefill differs from the serial path"

@@ -4,12 +4,13 @@
 
 For the Mixtral (H=4096, I=14336) and Qwen3-30B-A3B (H=2048, I=768) expert shapes, with
 triton.testing.do_bench (median, L2 flushed): decode (T = 1, 2, 4, 8, 16) sweeps every candidate
-config of the applicable kernels (gemv, 16-token gemm) for gate/up + silu and for down, next to
-the roofline (bytes read / measured HBM bandwidth) and cuBLAS on the bf16 weights; prefill
-(T = 512) sweeps the large-tile gemm configs and reports the int4 expert (fused gemm, and
-dequant-to-bf16 + cuBLAS) against the bf16 cuBLAS expert: the overhead ratio. Outputs are
-poisoned with NaN and checked against fp32 references. A failing configuration is reported and
-skipped. Ends with a PINNED table to paste into duoserve/quant/triton_kernels.py.
+config of the applicable kernels (stream, round-1 gemv and mma) for gate/up + silu and for down,
+next to the roofline (bytes read / measured HBM bandwidth) and cuBLAS on the bf16 weights;
+prefill (T = 512) reports the int4 expert (dequant-to-bf16 + cuBLAS, the fused mma kernel, and
+OVERLAP_EXPERTS experts with the dequant of the next on a side stream) against the bf16 cuBLAS
+expert: the overhead ratio. Outputs are poisoned with NaN and checked against fp32 references.
+A failing configuration is reported and skipped. Ends with a PINNED table to paste into
+duoserve/quant/triton_kernels.py.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from duoserve.quant import triton_kernels
 from duoserve.quant.int4 import dequantize_int4, quantize_expert_int4
+from duoserve.quant.int4_prefill import experts_prefill_overlapped
 from duoserve.quant.triton_kernels import (
+    PINNED,
     KernelConfig,
     candidate_configs,
     dequantize_int4_into,
+    expert_forward_int4,
     int4_gate_up_silu,
     int4_linear,
     kinds_for_tokens,
@@ -42,6 +47,7 @@ DECODE_TOKENS = (1, 2, 4, 8, 16)
 PREFILL_TOKENS = 512
 MAX_REL_ERR = 1e-2
 GROUP = 128
+OVERLAP_EXPERTS = 4
 
 
 SMOKE = os.environ.get("SMOKE", "0") == "1"  # CPU smoke test: interpreter, tiny shapes
@@ -147,7 +153,7 @@ def _expert(name: str, device: torch.device):
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     w_gu = dequantize_int4(*gate_up, GROUP, dtype=torch.float32)  # [2I, H]
     w_d = dequantize_int4(*down, GROUP, dtype=torch.float32)  # [H, I]
-    return layout, gate_up, down, w_gu, w_d
+    return buffer, layout, gate_up, down, w_gu, w_d
 
 
 def _op_rows(name, layout, gate_up, down, w_gu, w_d, t, bw_gbps) -> list[dict]:
@@ -165,13 +171,13 @@ def _op_rows(name, layout, gate_up, down, w_gu, w_d, t, bw_gbps) -> list[dict]:
 
 def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, dict]:
     """Decode rows for every token count, prefill rows and summary, for one expert shape."""
-    layout, gate_up, down, w_gu, w_d = _expert(name, device)
+    buffer, layout, gate_up, down, w_gu, w_d = _expert(name, device)
     rows = []
     for t in (*DECODE_TOKENS, PREFILL_TOKENS):
         print(f"{name}: T={t}", flush=True)
         rows += _op_rows(name, layout, gate_up, down, w_gu, w_d, t, bw_gbps)
     print(f"{name}: prefill summary T={PREFILL_TOKENS}", flush=True)
-    prefill = bench_prefill(layout, gate_up, down, w_gu, w_d, rows, bw_gbps)
+    prefill = bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps)
     return rows, dict(shape=name, **prefill)
 
 
@@ -180,10 +186,11 @@ def _best(rows: list[dict], **match) -> dict | None:
     return min(ok, key=lambda r: r["time_us"]) if ok else None
 
 
-def bench_prefill(layout, gate_up, down, w_gu, w_d, rows, bw_gbps) -> dict:
+def bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
     """The int4 expert at PREFILL_TOKENS: the best gemm configs end to end (gate/up + silu, then
     down), and dequant-to-bf16 (best config) + cuBLAS, against the bf16 cuBLAS expert."""
     h, i = layout.hidden_size, layout.intermediate_size
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     x = torch.randn(PREFILL_TOKENS, h, device=w_gu.device).bfloat16()
     wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
 
@@ -205,7 +212,8 @@ def bench_prefill(layout, gate_up, down, w_gu, w_d, rows, bw_gbps) -> dict:
 
         fused_err = _rel(expert_int4(), ref)
         fused_us = _bench(expert_int4) * 1e3
-    deq_us, configs = _bench_dequant(gate_up, down, wgu_bf16, wd_bf16)
+    deq_us, configs, deq_cfg = _bench_dequant(gate_up, down, wgu_bf16, wd_bf16)
+    overlap = _bench_overlap(x, layout, buffer, deq_cfg, ref, compute_us=compute_ms * 1e3)
     int4_bytes = _nbytes(*gate_up, *down)
     roof_us = (int4_bytes + 2 * 3 * h * i) / bw_gbps / 1e3  # read int4, write bf16
     compute_us = compute_ms * 1e3
@@ -220,13 +228,60 @@ def bench_prefill(layout, gate_up, down, w_gu, w_d, rows, bw_gbps) -> dict:
         dequant_pct_of_compute=None if deq_us is None else 100 * deq_us / compute_us,
         expert_int4_bytes=int4_bytes,
         dequant_configs=configs,
+        dequant_pin=None if deq_cfg is None else dataclasses.asdict(deq_cfg),
+        dequant_keys=[(w[0].shape[0], w[0].shape[1] * 8, False, 0) for w in (gate_up, down)],
+        **overlap,
     )
 
 
-def _bench_dequant(gate_up, down, wgu_bf16, wd_bf16) -> tuple[float | None, list]:
+def _bench_overlap(x, layout, buffer, deq_cfg, ref, compute_us) -> dict:
+    """OVERLAP_EXPERTS experts (one buffer, read each time: 92 MB > L2 for Mixtral) through
+    dequant + cuBLAS one after the other, and with the dequant of expert e+1 on a side stream
+    during expert e's GEMMs (experts_prefill_overlapped); per expert, vs the bf16 expert."""
+    if SMOKE or deq_cfg is None:
+        return {}
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    for w in (gate_up, down):  # the best dequant config for both matrices, as PINNED would
+        PINNED[(w[0].shape[0], w[0].shape[1] * 8, False, 0)] = deq_cfg
+    mode, triton_kernels.PREFILL_MODE = triton_kernels.PREFILL_MODE, "dequant"
+    scratches = tuple(torch.empty(3 * layout.hidden_size * layout.intermediate_size,
+                                  dtype=x.dtype, device=x.device) for _ in range(2))  # fmt: skip
+    side = torch.cuda.Stream()
+    xs, bufs = [x] * OVERLAP_EXPERTS, [buffer] * OVERLAP_EXPERTS
+
+    def serial() -> list[torch.Tensor]:
+        return [expert_forward_int4(x, b, layout, scratch=scratches[0]) for b in bufs]
+
+    def overlapped() -> list[torch.Tensor]:
+        return experts_prefill_overlapped(xs, bufs, layout, scratches, side)
+
+    try:
+        same = all(torch.equal(a, b) for a, b in zip(serial(), overlapped(), strict=True))
+        serial_us = _bench(serial) * 1e3 / OVERLAP_EXPERTS
+        overlap_us = _bench(overlapped) * 1e3 / OVERLAP_EXPERTS
+        err = _rel(overlapped()[0], ref)
+    except Exception as e:  # the experiment must not cost the rest of the prefill summary
+        traceback.print_exc(limit=3)
+        return dict(overlap_error=f"{type(e).__name__}: {e}")
+    finally:
+        triton_kernels.PREFILL_MODE = mode
+        for w in (gate_up, down):
+            PINNED.pop((w[0].shape[0], w[0].shape[1] * 8, False, 0), None)
+    return dict(
+        overlap_experts=OVERLAP_EXPERTS,
+        serial_dequant_expert_us=serial_us,
+        overlapped_expert_us=overlap_us,
+        overlapped_equal_serial=same,
+        overlapped_rel_err=err,
+        overlapped_overhead_pct=100 * (overlap_us / compute_us - 1),
+        serial_overhead_pct=100 * (serial_us / compute_us - 1),
+    )
+
+
+def _bench_dequant(gate_up, down, wgu_bf16, wd_bf16) -> tuple[float | None, list, KernelConfig]:
     # best bit-exact dequant config for both matrices (the scratch + cuBLAS prefill path)
     scratch_gu, scratch_d = torch.empty_like(wgu_bf16), torch.empty_like(wd_bf16)
-    best, configs = None, []
+    best, configs, best_cfg = None, [], None
     for cfg in candidate_configs("dequant"):
         row = dict(config=dataclasses.asdict(cfg))
 
@@ -242,18 +297,21 @@ def _bench_dequant(gate_up, down, wgu_bf16, wd_bf16) -> tuple[float | None, list
             ms = _bench(run)
             row.update(time_us=ms * 1e3, bit_exact=exact)
             if exact and (best is None or ms < best):
-                best = ms
+                best, best_cfg = ms, cfg
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc(limit=2)
         configs.append(row)
-    return (None if best is None else best * 1e3), configs
+    return (None if best is None else best * 1e3), configs, best_cfg
 
 
 def _config_name(c: dict) -> str:
+    if c["kernel"] == "stream":
+        cfg = f"n{c['block_n']} k{c['block_k']} t{c['block_t']} w{c['num_warps']}"
+        return f"stream {cfg} s{c['num_stages']}"
     return (
-        f"{c['kernel']} n{c['block_n']} k{c['block_k']} t{c['block_t']} w{c['num_warps']} "
-        f"s{c['num_stages']} x{c['split_k']}"
+        f"{c['kernel']} n{c['block_n']} t{c['block_t']} w{c['num_warps']} s{c['num_stages']} "
+        f"u{c['unroll']} x{c['split_k']}" + (" p" if c["prefetch"] else "")
     )
 
 
@@ -280,6 +338,9 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
             f"{b['rel_err']:8.1e}" + (f"  ({bad} configs failed)" if bad else "")
         )
         pinned.append((b["pin_key"], b["config"]))
+    for p in prefill:  # the dequant config of the prefill path, both matrices
+        if p.get("dequant_pin"):
+            pinned += [(key, p["dequant_pin"]) for key in p["dequant_keys"]]
     for p in prefill:
         fused, deq = p["fused_expert_us"], p["dequant_best_us"]
         print(
@@ -290,6 +351,14 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
             + ("FAILED" if deq is None else f"{deq:.1f} us = {p['dequant_pct_of_compute']:.1f}%")
             + f" of compute (dequant roofline {p['dequant_roofline_us']:.1f} us)"
         )
+        if "overlapped_expert_us" in p:
+            print(
+                f"  {p['overlap_experts']} experts, per expert: dequant + cuBLAS one after the "
+                f"other {p['serial_dequant_expert_us']:.1f} us (+{p['serial_overhead_pct']:.1f}%"
+                f"), next expert's dequant on a side stream {p['overlapped_expert_us']:.1f} us "
+                f"(+{p['overlapped_overhead_pct']:.1f}% over bf16; equal outputs: "
+                f"{p['overlapped_equal_serial']})"
+            )
     print("\n# paste into duoserve/quant/triton_kernels.py (group 128, asymmetric, bf16)")
     print("PINNED = {")
     for key, c in pinned:

@@ -1,24 +1,24 @@
 """Triton kernels for int4 experts; imported lazily by duoserve.quant.triton_kernels.
 
-Format: duoserve/quant/int4.py. Shapes: N weight rows, K input, T tokens, BW = BK / 8 words
-of a K tile. Every kernel loads a weight tile as int32 [BN, BW] (a row's words are contiguous:
-with `stride_q` a kernel argument, triton knows rows are 16-byte aligned and issues 16-byte
-vector loads, 32 consecutive k of one row per load), walks K in a `range` loop that triton
-software-pipelines (`num_stages`: the tile loads become cp.async into shared memory, several
-tiles ahead) and loads a tile's per-row scales and zeros one iteration ahead in registers (they
-are 1-2 byte loads, too narrow for cp.async). A K tile never straddles a group (BK <= GROUP).
+Format: duoserve/quant/int4.py. Shapes: N weight rows, K input, KW = K / 8 int32 words per row,
+T tokens, WG = GROUP / 8 words per group. Dequantization never converts int -> float (I2F runs at
+a quarter of the FMA rate): nibble j is masked *in place* and OR-ed into the bits of 2^23, giving
+the float 2^23 + q * 2^pos (pos < 20, exact); subtracting 2^23 gives q * 2^pos exactly, and
+2^-pos is folded into x. Per weight: one LOP3, one FADD, one FFMA.
 
-Dequantization without int->float conversions (I2F runs at a quarter of the FMA rate): nibble j
-is masked *in place* and OR-ed into the bits of 2^23, giving the float 2^23 + q * 2^pos (pos < 20,
-so exact); subtracting 2^23 (+ z * 2^pos) gives (q - z) * 2^pos exactly, and 2^-pos is folded
-into x or the scale.
+- ``stream`` (decode, 1..4 tokens, FMA units): a program streams BN whole rows through
+  [G groups, BN rows, WG words] int32 tiles. x comes pre-permuted by ``prep_x`` as fp32
+  x'[t, j, w] = x[t, 8w + j] * 2^-pos_j (row 8: sum_j x[t, 8w + j]), so x'_j is as contiguous
+  as the weight words and every large tensor keeps the layout of the weight load: 16-byte loads,
+  a thread owns 4 words of one group for all BN rows (x'_j loaded once for BN rows), nothing
+  crosses threads until the one reduction per program. No split-K: enough row blocks.
+- ``gemv`` / ``mma`` (round 1, kept as sweep candidates): walk K one group at a time with
+  [BN, WG, 1] tiles, split-K with an arrival counter; mma puts the group's weights on tensor cores.
+- ``dequant``: int4 -> bf16 [N, K] for the dequant + cuBLAS prefill.
 
-- ``gemv`` (1 token, FMA): per word, sum_j q_j x_j - z * sum_j x_j (the zero point is applied
-  once per word, not per weight: one LOP3, one FADD, one FFMA per weight).
-- ``gemm`` (tensor cores, decode tiles of 16 tokens or prefill tiles of 32-256): the weight tile,
-  dequantized to bf16 in registers exactly as the torch reference rounds it, is the A operand
-  of tl.dot and x^T the B operand (swap-AB: weight rows are the MMA's M); no bf16 scratch.
-- ``dequant``: int4 -> bf16 [N, K] (the scratch + cuBLAS prefill path, kept for comparison).
+Why not [BN, BK/8] tiles unpacked to [BN, BK/8, 8] (the second version): triton spreads the 8
+nibbles of a word over 8 lanes, so every word went through shared memory and every dot through
+shuffles (sm_90 SASS: 900 SHFL, 8-byte loads, spills, no cp.async).
 """
 
 from __future__ import annotations
@@ -60,18 +60,159 @@ def _nibble_consts():
 
 
 @triton.jit
+def prep_x(x_ptr, xp_ptr, KW, stride_x, stride_xp, BW: tl.constexpr):
+    # x [T, 8 KW] -> xp [T, 9, stride_xp] fp32 (see the module docstring); grid (T, KW / BW)
+    t = tl.program_id(0)
+    w = tl.program_id(1) * BW + tl.arange(0, BW)
+    ok = w[:, None] < KW
+    x_offs = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
+    xv = tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
+    _, _, _, inv = _nibble_consts()
+    dst = xp_ptr + t * 9 * stride_xp + w[:, None] + tl.arange(0, 8)[None, :] * stride_xp
+    tl.store(dst, xv * inv[None, :], mask=ok)
+    tl.store(xp_ptr + t * 9 * stride_xp + 8 * stride_xp + w, tl.sum(xv, axis=1), mask=w < KW)
+
+
+@triton.jit
+def _nibble(q, q_hi, j: tl.constexpr, magic):
+    # q * 2^pos of nibble j as fp32 (exact); nibbles 5..7 come from q_hi = q >> 12 (pos 8..16)
+    if j < 5:
+        bits = q & (15 << (4 * j))
+    else:
+        bits = q_hi & (15 << (4 * j - 12))
+    return (bits | magic).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _tok_dot(p, f, xj_ptrs, t: tl.constexpr, T, stride_xp, ok):
+    # p += f * x'_j of token t ([G, 1, WG] broadcast over the rows)
+    return p + f * tl.load(xj_ptrs + t * 9 * stride_xp, mask=ok & (t < T), other=0.0)
+
+
+@triton.jit
+def _tok_acc(acc, p, s, z, xsum_ptrs, t: tl.constexpr, T, stride_xp, ok):
+    # acc += s * (sum_j q_j x_j - z * sum_j x_j) of token t: the zero point once per word
+    xsum = tl.load(xsum_ptrs + t * 9 * stride_xp, mask=ok & (t < T), other=0.0)
+    return acc + s * (p - z * xsum)
+
+
+@triton.jit
+def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, T, KW, stride_xp, stride_q, stride_s, magic,
+                 HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr,
+                 BT: tl.constexpr, NS: tl.constexpr):  # fmt: skip
+    # rows [BN] -> y_t [BN] = sum_k W[rows, k] x_t[k] for tokens t < BT (zeros for t >= T)
+    WG: tl.constexpr = GROUP // 8
+    g_ids = tl.arange(0, G)[:, None, None]
+    word = g_ids * WG + tl.arange(0, WG)[None, None, :]  # [G, 1, WG]
+    q_ptrs = q_ptr + rows[None, :, None] * stride_q + word  # [G, BN, WG]
+    sz_offs = rows[None, :, None] * stride_s + g_ids  # [G, BN, 1]
+    zero = tl.zeros([G, rows.shape[0], WG], tl.float32)
+    acc0, acc1, acc2, acc3 = zero, zero, zero, zero
+    for kw0 in tl.range(0, KW, G * WG, num_stages=NS):
+        ok = kw0 // WG + g_ids < KW // WG  # [G, 1, 1]: whole groups, so loads stay 16-byte
+        q = tl.load(q_ptrs + kw0, mask=ok, other=0)
+        s = tl.load(s_ptr + sz_offs + kw0 // WG, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + sz_offs + kw0 // WG, mask=ok, other=0).to(tl.float32)
+        else:
+            z = tl.zeros_like(s) + 8.0
+        q_hi = q >> 12
+        p0, p1, p2, p3 = zero, zero, zero, zero
+        for j in tl.static_range(8):
+            f = _nibble(q, q_hi, j, magic)
+            xj_ptrs = xp_ptr + j * stride_xp + kw0 + word
+            p0 = _tok_dot(p0, f, xj_ptrs, 0, T, stride_xp, ok)
+            if BT > 1:
+                p1 = _tok_dot(p1, f, xj_ptrs, 1, T, stride_xp, ok)
+            if BT > 2:
+                p2 = _tok_dot(p2, f, xj_ptrs, 2, T, stride_xp, ok)
+                p3 = _tok_dot(p3, f, xj_ptrs, 3, T, stride_xp, ok)
+        xsum_ptrs = xp_ptr + 8 * stride_xp + kw0 + word
+        acc0 = _tok_acc(acc0, p0, s, z, xsum_ptrs, 0, T, stride_xp, ok)
+        if BT > 1:
+            acc1 = _tok_acc(acc1, p1, s, z, xsum_ptrs, 1, T, stride_xp, ok)
+        if BT > 2:
+            acc2 = _tok_acc(acc2, p2, s, z, xsum_ptrs, 2, T, stride_xp, ok)
+            acc3 = _tok_acc(acc3, p3, s, z, xsum_ptrs, 3, T, stride_xp, ok)
+    return (
+        tl.sum(tl.sum(acc0, axis=2), axis=0),
+        tl.sum(tl.sum(acc1, axis=2), axis=0),
+        tl.sum(tl.sum(acc2, axis=2), axis=0),
+        tl.sum(tl.sum(acc3, axis=2), axis=0),
+    )
+
+
+@triton.jit
+def _stream_store(y_ptr, out, up, rows, row_mask, t: tl.constexpr, T, stride_y,
+                  FUSED: tl.constexpr):  # fmt: skip
+    if FUSED:
+        out = out * tl.sigmoid(out) * up
+    tl.store(
+        y_ptr + t * stride_y + rows, _round(out, y_ptr.dtype.element_ty), mask=row_mask & (t < T)
+    )
+
+
+@triton.jit(do_not_specialize=["T", "N", "KW", "up_offset", "stride_y", "stride_s"])
+def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_xp, stride_y,
+           stride_q, stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+           GROUP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
+           NS: tl.constexpr):  # fmt: skip
+    # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x); FUSED: silu(gate) *
+    # up, up rows at up_offset (a second pass over the same x'). grid (N / BN,)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0).to(tl.int64)  # clamped: loads stay in bounds
+    o0, o1, o2, o3 = _stream_pass(
+        xp_ptr, qw_ptr, s_ptr, z_ptr, rows, T, KW, stride_xp, stride_q, stride_s, magic,
+        HAS_ZEROS, GROUP, G, BT, NS,
+    )  # fmt: skip
+    u0, u1, u2, u3 = o0, o1, o2, o3
+    if FUSED:
+        u0, u1, u2, u3 = _stream_pass(
+            xp_ptr, qw_ptr, s_ptr, z_ptr, rows + up_offset, T, KW, stride_xp, stride_q, stride_s,
+            magic, HAS_ZEROS, GROUP, G, BT, NS,
+        )  # fmt: skip
+    _stream_store(y_ptr, o0, u0, rows, row_mask, 0, T, stride_y, FUSED)
+    if BT > 1:
+        _stream_store(y_ptr, o1, u1, rows, row_mask, 1, T, stride_y, FUSED)
+    if BT > 2:
+        _stream_store(y_ptr, o2, u2, rows, row_mask, 2, T, stride_y, FUSED)
+        _stream_store(y_ptr, o3, u3, rows, row_mask, 3, T, stride_y, FUSED)
+
+
+# --------------------------------------------------------------------------- round-1 kernels
+# gemv / mma / dequant as measured in bench/results/int4-kernels-h100.json (sweep candidates)
+
+
+@triton.jit
+def _load_words(q_ptr, rows, gi, K, GROUP: tl.constexpr):
+    # rows [BN] -> int32 [BN, W, 1], the words of group gi (a thread keeps whole words)
+    words = tl.arange(0, GROUP // 8)
+    return tl.load(
+        q_ptr + rows[:, None, None] * (K // 8) + gi * (GROUP // 8) + words[None, :, None]
+    )
+
+
+@triton.jit
 def _unpack_words(q, magic):
-    # int32 [BN, BW] -> fp32 [BN, BW, 8]: 2^23 + q_j * 2^pos_j (exact; nibble j in-thread)
+    # int32 [BN, W, 1] -> fp32 [BN, W, 8]: 2^23 + q * 2^pos (exact)
     # NOTE: `magic` is a kernel argument, not a literal: in a register it lets ptxas fuse the
     # and/or into one LOP3 (a LOP3 takes one immediate).
     shift, mask, _, _ = _nibble_consts()
-    bits = (q[:, :, None].to(tl.uint32, bitcast=True) >> shift[None, None, :]) & mask[None, None, :]
+    bits = (q.to(tl.uint32, bitcast=True) >> shift[None, None, :]) & mask[None, None, :]
     return (bits | magic.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _load_sz(s_ptr, z_ptr, offs, HAS_ZEROS: tl.constexpr):
-    # scales and zero points at offs as fp32 (zero point 8 when symmetric)
+def _group_codes(q_ptr, rows, gi, K, magic, GROUP: tl.constexpr):
+    # rows [BN] -> fp32 [BN, W, 8]: 2^23 + q * 2^pos for the words of group gi
+    return _unpack_words(_load_words(q_ptr, rows, gi, K, GROUP), magic)
+
+
+@triton.jit
+def _group_sz(s_ptr, z_ptr, rows, gi, K, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr):
+    # scales and zero points of group gi as fp32 [BN] (zero point 8 when symmetric)
+    offs = rows * (K // GROUP) + gi
     s = tl.load(s_ptr + offs).to(tl.float32)
     if HAS_ZEROS:
         z = tl.load(z_ptr + offs).to(tl.float32)
@@ -81,28 +222,74 @@ def _load_sz(s_ptr, z_ptr, offs, HAS_ZEROS: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(q_ptr, rows, k0, stride_q, BK: tl.constexpr):
-    # rows [BN] -> int32 [BN, BK / 8], the words of k0..k0+BK-1
-    words = k0 // 8 + tl.arange(0, BK // 8)
-    return tl.load(q_ptr + rows[:, None] * stride_q + words[None, :])
+def _dequant_group(q_ptr, s_ptr, z_ptr, rows, gi, K, magic, HAS_ZEROS: tl.constexpr,
+                   GROUP: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    # rows [BN] -> fp32 [BN, GROUP] = (q - z) * s of group gi, exact
+    _, _, mult, inv = _nibble_consts()
+    s, z = _group_sz(s_ptr, z_ptr, rows, gi, K, HAS_ZEROS, GROUP)
+    zero_magic = 8388608.0 + z[:, None, None] * mult[None, None, :]  # [BN, 1, 8]
+    scale = s[:, None, None] * inv[None, None, :]
+    w = (_group_codes(q_ptr, rows, gi, K, magic, GROUP) - zero_magic) * scale  # [BN, W, 8]
+    return tl.reshape(w, [BN, GROUP])
 
 
 @triton.jit
-def _row_block(pid_n, N, BN: tl.constexpr):
-    rows = pid_n * BN + tl.arange(0, BN)
-    row_mask = rows < N
-    return tl.where(row_mask, rows, 0).to(tl.int64), row_mask  # clamped: loads stay in bounds
+def _gemv_group(x_ptr, stride_x, q, s, z, gi, T, acc, magic, GROUP: tl.constexpr,
+                BT: tl.constexpr):  # fmt: skip
+    # q [BN, W, 1] words, s/z [BN] of group gi. BT == 1: acc [BN, W] += s * per-word partial
+    # dots (threads reduce across words once, at the end); else acc [BN, BT] += s * group dot
+    _, _, mult, inv = _nibble_consts()
+    zero_magic = 8388608.0 + z[:, None, None] * mult[None, None, :]  # [BN, 1, 8]
+    w = _unpack_words(q, magic) - zero_magic  # [BN, W, 8]: (q - z) * 2^pos, exact
+    x_offs = gi * GROUP + tl.arange(0, GROUP // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    if BT == 1:
+        xv = tl.load(x_ptr + x_offs).to(tl.float32) * inv[None, :]  # [W, 8]
+        acc += s[:, None] * tl.sum(w * xv[None, :, :], axis=2)
+    else:
+        t_ids = tl.arange(0, BT)
+        for t in tl.static_range(BT):
+            t_ok = tl.full([GROUP // 8, 8], t, tl.int32) < T
+            xv = tl.load(x_ptr + t * stride_x + x_offs, mask=t_ok, other=0.0).to(tl.float32)
+            p = tl.sum(tl.sum(w * (xv * inv[None, :])[None, :, :], axis=2), axis=1)  # [BN]
+            acc += tl.where(t_ids[None, :] == t, (s * p)[:, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _gemv_rows(x_ptr, stride_x, q_ptr, s_ptr, z_ptr, rows, g_start, g_end, K, T, acc, magic,
+               HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr,
+               UNROLL: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    # acc over groups g_start..g_end of the rows; PREFETCH: the next group's words, scales and
+    # zeros load while this group computes (registers; triton does not pipeline these loads)
+    if PREFETCH:
+        q = _load_words(q_ptr, rows, g_start, K, GROUP)
+        s, z = _group_sz(s_ptr, z_ptr, rows, g_start, K, HAS_ZEROS, GROUP)
+        for gi in range(g_start, g_end):
+            g_next = tl.minimum(gi + 1, g_end - 1)  # the last step reloads its own group
+            q_next = _load_words(q_ptr, rows, g_next, K, GROUP)
+            s_next, z_next = _group_sz(s_ptr, z_ptr, rows, g_next, K, HAS_ZEROS, GROUP)
+            acc = _gemv_group(x_ptr, stride_x, q, s, z, gi, T, acc, magic, GROUP, BT)
+            q, s, z = q_next, s_next, z_next
+    else:
+        for g0 in range(g_start, g_end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                q = _load_words(q_ptr, rows, g0 + u, K, GROUP)
+                s, z = _group_sz(s_ptr, z_ptr, rows, g0 + u, K, HAS_ZEROS, GROUP)
+                acc = _gemv_group(x_ptr, stride_x, q, s, z, g0 + u, T, acc, magic, GROUP, BT)
+    return acc
 
 
 @triton.jit
 def _epilogue(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N, stride_y,
-              tile, t_pad, FUSED: tl.constexpr):  # fmt: skip
-    # acc, acc2 [BN, BT] fp32 -> y[tokens, rows]. With several K splits (grid axis 2), the last
-    # program of a tile to arrive (counted with an atomic) sums every split's fp32 partial.
+              FUSED: tl.constexpr):  # fmt: skip
+    # acc, acc2 [BN, BT] fp32 -> y[tokens, rows]. With several K splits, the last program of a
+    # tile to arrive (counted with an atomic) sums every split's fp32 partial and writes y.
     mask = row_mask[:, None] & t_mask[None, :]
     num_splits = tl.num_programs(2)
     if num_splits > 1:
-        # ws [splits, 2, t_pad, N] fp32; cnt [tiles] int32, zero between launches
+        # ws [splits, 2, T_pad, N] fp32; cnt [tiles] int32, zero between launches
+        t_pad = tl.num_programs(1) * acc.shape[1]
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         offs = tokens[None, :].to(tl.int64) * N + rows[:, None]
         part = ws_ptr + tl.program_id(2) * 2 * t_pad * N + offs
         tl.store(part, acc, mask=mask)
@@ -130,134 +317,110 @@ def _epilogue(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask,
         tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty), mask=mask)
 
 
-# --------------------------------------------------------------------------- gemv (1 token)
-
-
 @triton.jit
-def _gemv_acc(q, s, z, xs, xsum, acc, magic):
-    # q int32 [BN, BW], s/z [BN], xs [BW, 8] = x * 2^-pos, xsum [BW] = sum_j x: acc [BN, BW] +=
-    # s * (word dots - z * xsum); the reduction across words waits until the end of the kernel
-    codes = _unpack_words(q, magic) - 8388608.0  # [BN, BW, 8]: q_j * 2^pos_j, exact
-    p = tl.sum(codes * xs[None, :, :], axis=2)  # [BN, BW] = sum_j q_j x_j
-    return acc + s[:, None] * (p - z[:, None] * xsum[None, :])
+def _row_block(N, BN: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_mask = rows < N
+    return tl.where(row_mask, rows, 0).to(tl.int64), row_mask  # clamped: loads stay in bounds
 
 
-@triton.jit
-def gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, up_offset, stride_q, stride_s,
-         k_per_split, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
-         BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    # y [1, N] = x [1, K] @ W^T on FMA units; FUSED: silu(gate) * up, up rows at up_offset (gate
-    # and up tiles stream in the same loop). grid (N / BN, 1, splits), split s: k_per_split of K
-    rows, row_mask = _row_block(tl.program_id(0), N, BN)
-    rows2 = rows + up_offset
-    _, _, _, inv = _nibble_consts()
-    acc = tl.zeros([BN, BK // 8], tl.float32)
-    acc2 = tl.zeros([BN, BK // 8], tl.float32)
-    k_start = tl.program_id(2) * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    x_offs = tl.arange(0, BK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
-    s, z = _load_sz(s_ptr, z_ptr, rows * stride_s + k_start // GROUP, HAS_ZEROS)
-    s2, z2 = s, z
-    if FUSED:
-        s2, z2 = _load_sz(s_ptr, z_ptr, rows2 * stride_s + k_start // GROUP, HAS_ZEROS)
-    for k0 in range(k_start, k_end, BK):
-        # next tile's scales/zeros (the last iteration reloads its own)
-        g_next = tl.minimum(k0 + BK, k_end - BK) // GROUP
-        s_next, z_next = _load_sz(s_ptr, z_ptr, rows * stride_s + g_next, HAS_ZEROS)
-        xv = tl.load(x_ptr + k0 + x_offs).to(tl.float32)  # [BW, 8]
-        xs = xv * inv[None, :]
-        xsum = tl.sum(xv, axis=1)  # [BW]
-        q = _load_tile(qw_ptr, rows, k0, stride_q, BK)
-        acc = _gemv_acc(q, s, z, xs, xsum, acc, magic)
-        s, z = s_next, z_next
-        if FUSED:
-            s2_next, z2_next = _load_sz(s_ptr, z_ptr, rows2 * stride_s + g_next, HAS_ZEROS)
-            q2 = _load_tile(qw_ptr, rows2, k0, stride_q, BK)
-            acc2 = _gemv_acc(q2, s2, z2, xs, xsum, acc2, magic)
-            s2, z2 = s2_next, z2_next
-    out = tl.sum(acc, axis=1)[:, None]  # [BN, 1]: one cross-thread reduction per program
-    out2 = tl.sum(acc2, axis=1)[:, None]
-    tokens = tl.arange(0, 1)
+@triton.jit(do_not_specialize=["T", "groups_per_split"])
+def gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, K, up_offset, stride_x,
+         stride_y, groups_per_split, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+         GROUP: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr,
+         PREFETCH: tl.constexpr):  # fmt: skip
+    # y [T, N] = x [T, K] @ W^T, T <= BT (few tokens, FMA); FUSED: silu(gate) * up, where up
+    # rows start at up_offset. grid (N / BN, 1, splits); split k covers groups_per_split groups.
+    rows, row_mask = _row_block(N, BN)
+    if BT == 1:
+        acc = tl.zeros([BN, GROUP // 8], tl.float32)
+    else:
+        acc = tl.zeros([BN, BT], tl.float32)
+    acc2 = acc
+    g_start = tl.program_id(2) * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+    acc = _gemv_rows(
+        x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows, g_start, g_end, K, T, acc, magic,
+        HAS_ZEROS, GROUP, BT, UNROLL, PREFETCH,
+    )  # fmt: skip
+    if FUSED:  # gate and up rows in two passes: both stream from HBM once, x stays in L1/L2
+        acc2 = _gemv_rows(
+            x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows + up_offset, g_start, g_end, K, T, acc2,
+            magic, HAS_ZEROS, GROUP, BT, UNROLL, PREFETCH,
+        )  # fmt: skip
+    if BT == 1:  # one cross-thread reduction per program
+        acc = tl.sum(acc, axis=1)[:, None]
+        acc2 = tl.sum(acc2, axis=1)[:, None]
+    tokens = tl.arange(0, BT)
     _epilogue(
-        out, out2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, tokens < 1, N, 0,
-        tl.program_id(0), 1, FUSED,
+        acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, tokens < T, N, stride_y,
+        FUSED,
     )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- gemm (tensor cores)
-
-
 @triton.jit
-def _dequant_words(q, s, z, magic):
-    # int32 [BN, BW], s/z [BN] -> fp32 [BN, BW * 8] = (q - z) * s, exact before any rounding
-    _, _, mult, inv = _nibble_consts()
+def _mma_group(x_ptr, stride_x, q_ptr, s_ptr, z_ptr, rows, gi, K, tokens, t_mask, acc, magic,
+               HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+               DOT_FP32: tl.constexpr):  # fmt: skip
+    # acc [BN, BT] += s * ((q - z) 2^pos [BN, GROUP] @ (x 2^-pos)^T [GROUP, BT]) on tensor cores;
+    # both operands are exact in bf16 and the scale is applied once per group, after the MMA
+    ks = gi * GROUP + tl.arange(0, GROUP)
+    x_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + ks[:, None]
+    xt = tl.load(x_ptrs, mask=t_mask[None, :], other=0.0).to(tl.float32)  # [GROUP, BT]
+    j = ks % 8
+    pos = j * 4 - tl.where(j < 5, 0, 12)
+    xt = _round(xt * ((127 - pos) << 23).to(tl.float32, bitcast=True)[:, None], tl.bfloat16)
+    _, _, mult, _ = _nibble_consts()
+    s, z = _group_sz(s_ptr, z_ptr, rows, gi, K, HAS_ZEROS, GROUP)
     zero_magic = 8388608.0 + z[:, None, None] * mult[None, None, :]  # [BN, 1, 8]
-    scale = s[:, None, None] * inv[None, None, :]
-    w = (_unpack_words(q, magic) - zero_magic) * scale  # [BN, BW, 8]
-    return tl.reshape(w, [q.shape[0], q.shape[1] * 8])
-
-
-@triton.jit
-def _mma_tile(qw_ptr, rows, k0, stride_q, s, z, xt, acc, magic, BK: tl.constexpr,
-              DOT_FP32: tl.constexpr):  # fmt: skip
-    # acc [BN, BT] += bf16((q - z) * s) [BN, BK] @ xt [BK, BT]
-    q = _load_tile(qw_ptr, rows, k0, stride_q, BK)
-    w = _round(_dequant_words(q, s, z, magic), tl.bfloat16)  # rounded once, as the reference
+    w = _group_codes(q_ptr, rows, gi, K, magic, GROUP) - zero_magic  # [BN, W, 8]
+    w = _round(tl.reshape(w, [BN, GROUP]), tl.bfloat16)  # exact: |q - z| <= 16
     if DOT_FP32:  # the interpreter's bf16 dot is broken: same values as fp32 operands
-        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-    return tl.dot(w, xt, acc)
+        part = tl.dot(w.to(tl.float32), xt.to(tl.float32))
+    else:
+        part = tl.dot(w, xt)
+    return acc + s[:, None] * part
 
 
-@triton.jit(do_not_specialize=["T"])
-def gemm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, K, up_offset, stride_x,
-         stride_y, stride_q, stride_s, k_per_split, magic, HAS_ZEROS: tl.constexpr,
-         FUSED: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
-         BK: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
-    # y [T, N] = x [T, K] @ W^T on tensor cores; FUSED: silu(gate) * up. grid (N/BN * T/BT, 1,
-    # splits) with the token tile fastest, so the programs sharing a weight tile run together
-    # and read it from HBM once (then L2); split s covers k_per_split of K
-    num_t = tl.cdiv(T, BT)
-    pid_n, pid_t = tl.program_id(0) // num_t, tl.program_id(0) % num_t
-    rows, row_mask = _row_block(pid_n, N, BN)
-    rows2 = rows + up_offset
-    tokens = pid_t * BT + tl.arange(0, BT)
+@triton.jit(do_not_specialize=["T", "groups_per_split"])
+def mma(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, K, up_offset, stride_x,
+        stride_y, groups_per_split, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+        GROUP: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr,
+        DOT_FP32: tl.constexpr):  # fmt: skip
+    # y [T, N] = x [T, K] @ W^T via tl.dot (weights = A operand, tokens = N dim of the MMA).
+    # grid (N / BN, T / BT, splits); split k covers groups_per_split groups
+    rows, row_mask = _row_block(N, BN)
+    tokens = tl.program_id(1) * BT + tl.arange(0, BT)
     t_mask = tokens < T
     acc = tl.zeros([BN, BT], tl.float32)
     acc2 = tl.zeros([BN, BT], tl.float32)
-    k_start = tl.program_id(2) * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    x_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + tl.arange(0, BK)[:, None]
-    s, z = _load_sz(s_ptr, z_ptr, rows * stride_s + k_start // GROUP, HAS_ZEROS)
-    s2, z2 = s, z
-    if FUSED:
-        s2, z2 = _load_sz(s_ptr, z_ptr, rows2 * stride_s + k_start // GROUP, HAS_ZEROS)
-    for k0 in range(k_start, k_end, BK):
-        g_next = tl.minimum(k0 + BK, k_end - BK) // GROUP
-        s_next, z_next = _load_sz(s_ptr, z_ptr, rows * stride_s + g_next, HAS_ZEROS)
-        xt = tl.load(x_ptrs + k0, mask=t_mask[None, :], other=0.0).to(tl.bfloat16)  # [BK, BT]
-        acc = _mma_tile(qw_ptr, rows, k0, stride_q, s, z, xt, acc, magic, BK, DOT_FP32)
-        s, z = s_next, z_next
-        if FUSED:
-            s2_next, z2_next = _load_sz(s_ptr, z_ptr, rows2 * stride_s + g_next, HAS_ZEROS)
-            acc2 = _mma_tile(qw_ptr, rows2, k0, stride_q, s2, z2, xt, acc2, magic, BK, DOT_FP32)
-            s2, z2 = s2_next, z2_next
+    g_start = tl.program_id(2) * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+    for g0 in range(g_start, g_end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            gi = g0 + u
+            acc = _mma_group(
+                x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows, gi, K, tokens, t_mask, acc, magic,
+                HAS_ZEROS, GROUP, BN, DOT_FP32,
+            )  # fmt: skip
+            if FUSED:
+                acc2 = _mma_group(
+                    x_ptr, stride_x, qw_ptr, s_ptr, z_ptr, rows + up_offset, gi, K, tokens,
+                    t_mask, acc2, magic, HAS_ZEROS, GROUP, BN, DOT_FP32,
+                )  # fmt: skip
     _epilogue(
         acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N, stride_y,
-        tl.program_id(0), num_t * BT, FUSED,
+        FUSED,
     )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- dequant
-
-
 @triton.jit
-def dequant(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, stride_s, magic,
-            HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
-            BK: tl.constexpr):  # fmt: skip
-    # out [N, K] = bf16((q - z) * s); program (n-block, k-block of BK <= GROUP)
-    rows, row_mask = _row_block(tl.program_id(0), N, BN)
-    k0 = tl.program_id(1) * BK
-    s, z = _load_sz(s_ptr, z_ptr, rows * stride_s + k0 // GROUP, HAS_ZEROS)
-    w = _dequant_words(_load_tile(qw_ptr, rows, k0, stride_q, BK), s, z, magic)  # [BN, BK]
-    out_ptrs = out_ptr + rows[:, None] * K + k0 + tl.arange(0, BK)[None, :]
-    tl.store(out_ptrs, _round(w, out_ptr.dtype.element_ty), mask=row_mask[:, None])
+def dequant(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, magic, HAS_ZEROS: tl.constexpr,
+            GROUP: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+    # out [N, K] = dequant(W); program (n-block, k-block of UNROLL groups)
+    rows, row_mask = _row_block(N, BN)
+    for u in tl.static_range(UNROLL):
+        gi = tl.program_id(1) * UNROLL + u
+        w = _dequant_group(qw_ptr, s_ptr, z_ptr, rows, gi, K, magic, HAS_ZEROS, GROUP, BN)
+        out_ptrs = out_ptr + rows[:, None] * K + gi * GROUP + tl.arange(0, GROUP)[None, :]
+        tl.store(out_ptrs, _round(w, out_ptr.dtype.element_ty), mask=row_mask[:, None])

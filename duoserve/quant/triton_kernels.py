@@ -1,20 +1,17 @@
 """Triton kernels for int4 experts (format: duoserve/quant/int4.py), with torch fallbacks.
 
-- ``gemv``: one token, FMA units. A program owns `block_n` output rows (gate and up rows when
-  fused) and streams their K range in [block_n, block_k / 8] int32 tiles (16-byte loads,
-  software-pipelined `num_stages` deep); per-word partial dots are reduced once at the end.
-- ``gemm``: tensor cores, any token count: decode tiles of 16 tokens (2..16 tokens, split-K) and
-  prefill tiles of 32..256 tokens. The weight tile, dequantized to bf16 in registers, is the A
-  operand of tl.dot and x^T the B operand: W4A16 without a bf16 scratch round trip.
-- ``dequant``: int4 -> bf16 into a caller-given scratch (the old prefill path, PREFILL_MODE
-  "dequant", kept for comparison).
+- ``stream`` (1..4 tokens, FMA units): a program owns `block_n` rows (gate and up rows when
+  fused) and streams their whole K in [groups, rows, words] int32 tiles of `block_k` inputs,
+  `num_stages` tiles in flight; x is first permuted by a small `prep_x` launch (see
+  _int4_triton.py). No split-K.
+- ``gemv`` / ``mma`` (round 1, kept as candidates): one group per step, split-K; mma (tensor
+  cores) for 2..16 tokens and the fused prefill alternative.
+- ``dequant``: int4 -> bf16 into a caller-given scratch, then cuBLAS: the prefill path
+  (PREFILL_MODE "dequant"; "fused" uses mma with large token tiles instead).
 
-gemv/gemm read each weight tile once per token tile, optionally fuse gate/up (rows n and n + I
-of the stacked [2I, H] matrix) into silu(gate) * up, and split K across programs when there are
-too few row blocks to fill the GPU (the last program of a tile sums the fp32 partials: one
-launch). Config choice per shape: the `PINNED` table (filled from the GPU bench), else timing
-the candidates on first use (CUDA, `set_autotune`), else the first candidate. triton is
-imported lazily: the package imports and the torch paths run without it.
+Config choice per shape: the `PINNED` table (filled from the GPU bench), else timing the
+candidates on first use (CUDA, `set_autotune`), else the first candidate. triton is imported
+lazily: the package imports and the torch paths run without it.
 """
 
 from __future__ import annotations
@@ -31,75 +28,85 @@ import torch.nn.functional as F
 
 from duoserve.quant.int4 import Int4ExpertLayout, dequantize_int4
 
-MAX_DECODE_TOKENS = 16  # above this expert_forward_int4 uses the prefill configs
-PREFILL_MODE = "fused"  # "fused": gemm kernel; "dequant": dequantize to scratch + cuBLAS
+MAX_DECODE_TOKENS = 16  # above this expert_forward_int4 takes the prefill path
+PREFILL_MODE = "dequant"  # "dequant": dequantize to scratch + cuBLAS; "fused": mma kernel
+STREAM_MAX_TOKENS = 4  # the stream kernel's largest token tile
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters of one kernel. block_k is capped at the group size (a K tile never
-    straddles a group); block_t: tokens per program (gemm; gemv takes 1); split_k: K splits
-    (0: about 4 programs per SM)."""
+    """Launch parameters of one kernel. block_k: K inputs per loop step (stream only; the other
+    kernels step one group); block_t: tokens per program; split_k: K splits (gemv/mma; 0: about
+    4 programs per SM); unroll: groups per step (gemv/mma/dequant); prefetch: gemv loads the
+    next group while computing this one."""
 
-    kernel: str  # "gemv" | "gemm" | "dequant"
+    kernel: str  # "stream" | "gemv" | "mma" | "dequant"
     block_n: int
-    block_k: int = 128
+    block_k: int = 0
     block_t: int = 1
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 1
     split_k: int = 0
+    unroll: int = 1
+    prefetch: bool = False
 
 
-# kind -> (block_n, block_k, block_t, num_warps, num_stages); the first is the untuned default.
-# gemv: rows x 64 B tiles, deep pipelines; gemm_decode: 16-token swap-AB tiles (MMA M = rows);
-# gemm_prefill: large token tiles so each weight tile is dequantized once per 64-256 tokens.
-_CANDIDATES = {
-    "gemv": [
-        (128, 128, 1, 4, 3),
-        (256, 128, 1, 8, 3),
-        (64, 128, 1, 4, 4),
-        (128, 128, 1, 8, 4),
-        (256, 128, 1, 4, 2),
-        (512, 128, 1, 8, 3),
-        (128, 64, 1, 4, 4),
-        (64, 128, 1, 2, 3),
+# kind -> configs; the first is the untuned default. stream tiles keep every warp on K (block_k
+# >= 1024 x num_warps inputs at group 128; see _int4_triton.py): rows per program x K per step.
+_S = "stream"
+_CANDIDATES: dict[str, list[KernelConfig]] = {
+    "stream1": [  # block_n <= 8: 16 rows spill (255 registers on sm_90)
+        KernelConfig(_S, 8, 4096, 1, 4, 1),
+        KernelConfig(_S, 8, 4096, 1, 4, 2),
+        KernelConfig(_S, 4, 4096, 1, 4, 1),
+        KernelConfig(_S, 4, 4096, 1, 4, 3),
+        KernelConfig(_S, 8, 8192, 1, 8, 1),
+        KernelConfig(_S, 8, 8192, 1, 8, 2),
+        KernelConfig(_S, 8, 2048, 1, 2, 1),
+        KernelConfig(_S, 8, 2048, 1, 2, 3),
+        KernelConfig(_S, 4, 8192, 1, 8, 1),
     ],
-    "gemm_decode": [
-        (64, 128, 16, 4, 3),
-        (128, 128, 16, 4, 3),
-        (64, 64, 16, 4, 4),
-        (128, 64, 16, 8, 4),
-        (128, 128, 16, 8, 2),
-        (256, 64, 16, 8, 3),
-        (64, 128, 16, 4, 5),
+    "stream2": [
+        KernelConfig(_S, 4, 4096, 2, 4, 1),
+        KernelConfig(_S, 4, 4096, 2, 4, 2),
+        KernelConfig(_S, 4, 2048, 2, 2, 1),
+        KernelConfig(_S, 2, 4096, 2, 4, 1),
     ],
-    "gemm_prefill": [
-        (128, 64, 128, 8, 3),
-        (128, 64, 64, 4, 4),
-        (128, 128, 128, 8, 3),
-        (64, 64, 128, 4, 4),
-        (128, 64, 256, 8, 3),
-        (256, 64, 128, 8, 3),
-        (128, 32, 128, 8, 4),
-        (64, 128, 64, 4, 3),
+    "stream4": [
+        KernelConfig(_S, 2, 4096, 4, 4, 1),
+        KernelConfig(_S, 2, 2048, 4, 2, 1),
+        KernelConfig(_S, 1, 4096, 4, 4, 1),
+    ],
+    "gemv": [  # round 1: the best three of bench/results/int4-kernels-h100.json
+        KernelConfig("gemv", 64, num_warps=4, prefetch=True),
+        KernelConfig("gemv", 128, num_warps=4, prefetch=True),
+        KernelConfig("gemv", 64, num_warps=2, prefetch=True),
+    ],
+    "mma": [  # round 1, 16-token tiles
+        KernelConfig("mma", 64, block_t=16, num_warps=4, num_stages=3),
+        KernelConfig("mma", 64, block_t=16, num_warps=4, num_stages=2, unroll=2),
+        KernelConfig("mma", 128, block_t=16, num_warps=8, num_stages=3),
+    ],
+    "mma_prefill": [  # PREFILL_MODE "fused"
+        KernelConfig("mma", 128, block_t=64, num_warps=8, num_stages=3),
+        KernelConfig("mma", 64, block_t=128, num_warps=4, num_stages=3),
     ],
     "dequant": [
-        (64, 128, 1, 4, 1),
-        (32, 128, 1, 4, 1),
-        (128, 128, 1, 8, 1),
-        (16, 128, 1, 4, 1),
+        KernelConfig("dequant", 64, num_warps=4),
+        KernelConfig("dequant", 32, num_warps=4, unroll=2),
+        KernelConfig("dequant", 16, num_warps=4, unroll=4),
+        KernelConfig("dequant", 64, num_warps=8, unroll=2),
     ],
 }
-_KERNEL_OF = {"gemv": "gemv", "gemm_decode": "gemm", "gemm_prefill": "gemm", "dequant": "dequant"}
 
 # (weight rows N, K, fused gate/up, token bucket) -> config; paste the GPU bench's "PINNED"
-# output here. Buckets: 1, 2, 4, 8, 16 (decode), 32, 64, 128, 256, 512 (prefill, 512 = more).
+# output here. Buckets: 1, 2, 4, 8, 16 (decode), 32..512 (fused prefill), 0 (dequant).
 PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {}
 
 
 def candidate_configs(kind: str) -> list[KernelConfig]:
-    """Configurations worth timing for `kind` (gemv, gemm_decode, gemm_prefill, dequant)."""
-    return [KernelConfig(_KERNEL_OF[kind], n, k, t, w, s) for n, k, t, w, s in _CANDIDATES[kind]]
+    """Configurations worth timing for `kind` (a key of _CANDIDATES)."""
+    return list(_CANDIDATES[kind])
 
 
 def token_bucket(num_tokens: int) -> int:
@@ -108,10 +115,12 @@ def token_bucket(num_tokens: int) -> int:
 
 
 def kinds_for_tokens(num_tokens: int) -> list[str]:
-    """Candidate kinds for a token count: gemv competes with the 16-token gemm at one token."""
+    """Candidate kinds for a token count, the default's kind first."""
     if num_tokens == 1:
-        return ["gemv", "gemm_decode"]
-    return ["gemm_decode"] if num_tokens <= MAX_DECODE_TOKENS else ["gemm_prefill"]
+        return ["stream1", "gemv", "mma"]
+    if num_tokens <= STREAM_MAX_TOKENS:
+        return ["stream2" if num_tokens == 2 else "stream4", "mma"]
+    return ["mma"] if num_tokens <= MAX_DECODE_TOKENS else ["mma_prefill"]
 
 
 def triton_available() -> bool:
@@ -186,13 +195,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_plan(cfg: KernelConfig, num_tiles: int, k: int, block_k: int, device) -> tuple:
-    # -> (splits, K elements per split); every split gets a whole number of K tiles
-    k_tiles = k // block_k
+def _split_plan(cfg: KernelConfig, num_tiles: int, num_groups: int, device) -> tuple[int, int, int]:
+    # -> (unroll, splits, groups per split); every split gets a multiple of `unroll` groups
+    unroll = cfg.unroll if num_groups % cfg.unroll == 0 else 1
     splits = cfg.split_k or max(1, 4 * _num_sms(device) // num_tiles)
-    splits = max(1, min(splits, k_tiles, 64))
-    per_split = -(-k_tiles // splits) * block_k
-    return -(-k // per_split), per_split
+    splits = max(1, min(splits, num_groups // unroll, 64))
+    per_split = -(-num_groups // splits)
+    per_split = -(-per_split // unroll) * unroll
+    return unroll, -(-num_groups // per_split), per_split
 
 
 def _check_weights(qweight, scales, zeros, group_size) -> tuple[int, int]:
@@ -205,50 +215,70 @@ def _check_weights(qweight, scales, zeros, group_size) -> tuple[int, int]:
     return n, k
 
 
-def _launch(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
-    # x [T, K] (None for dequant), w = (qweight, scales, zeros), y [T, N] or [N, K] (dequant)
+def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
+    # prep_x: x [T, K] -> xp [T, 9, KW padded to 16] fp32; then stream over the row blocks
     kernels = _kernels()
     qweight, scales, zeros = w
-    n_rows, k = qweight.shape[0], qweight.shape[1] * 8
-    n_out = n_rows // 2 if fused else n_rows
-    block_k = min(cfg.block_k, group_size)  # powers of two: divides the group, hence K
+    (t, k), n_rows = x.shape, qweight.shape[0]
+    assert t <= cfg.block_t <= STREAM_MAX_TOKENS, f"stream tile {cfg.block_t} < {t} tokens"
+    kw, n_out = k // 8, (n_rows // 2 if fused else n_rows)
+    stride_xp = -(-kw // 16) * 16
+    xp = torch.empty(t, 9, stride_xp, dtype=torch.float32, device=x.device)
+    kernels.prep_x[(t, -(-kw // 256))](x, xp, kw, x.stride(0), stride_xp, BW=256)
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
-    strides = (qweight.stride(0), scales.stride(0))
-    meta = dict(HAS_ZEROS=zeros is not None, GROUP=group_size, BN=cfg.block_n, BK=block_k)
-    meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    grid_n = -(-n_out // cfg.block_n)
-    if cfg.kernel == "dequant":
-        grid = (grid_n, k // block_k)
-        kernels.dequant[grid](qweight, scales, z, y, n_rows, k, *strides, kernels.MAGIC, **meta)
-        return
-    t = x.shape[0]
-    assert x.stride(1) == 1, "x rows must be contiguous"
-    if cfg.kernel == "gemv":
-        assert t == 1, f"the gemv kernel takes one token, got {t}"
-        splits, per_split = _split_plan(cfg, grid_n, k, block_k, y.device)
-        ws, cnt = _split_scratch(y.device, splits * 2 * n_out, grid_n)
-        kernels.gemv[(grid_n, 1, splits)](
-            x, qweight, scales, z, y, ws, cnt, n_out, k, n_out, *strides, per_split,
-            kernels.MAGIC, FUSED=fused, **meta,
-        )  # fmt: skip
-        return
-    assert cfg.kernel == "gemm", f"unknown kernel {cfg.kernel!r}"
-    grid_t = -(-t // cfg.block_t)
-    splits, per_split = _split_plan(cfg, grid_n * grid_t, k, block_k, y.device)
-    ws, cnt = _split_scratch(y.device, splits * 2 * grid_t * cfg.block_t * n_out, grid_n * grid_t)
-    kernels.gemm[(grid_n * grid_t, 1, splits)](
-        x, qweight, scales, z, y, ws, cnt, t, n_out, k, n_out, x.stride(0), y.stride(0),
-        *strides, per_split, kernels.MAGIC, FUSED=fused, BT=cfg.block_t,
-        DOT_FP32=_interpreting(), **meta,
+    num_groups = k // group_size
+    groups = min(max(1, cfg.block_k // group_size), 1 << (num_groups - 1).bit_length())
+    kernels.stream[(-(-n_out // cfg.block_n),)](
+        xp, qweight, scales, z, y, t, n_out, kw, n_out, stride_xp, y.stride(0),
+        qweight.stride(0), scales.stride(0), kernels.MAGIC, HAS_ZEROS=zeros is not None,
+        FUSED=fused, GROUP=group_size, BN=cfg.block_n, G=groups,
+        BT=cfg.block_t, NS=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
-SPLIT_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+def _launch(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
+    # x [T, K] (None for dequant), w = (qweight, scales, zeros), y [T, N] or [N, K] (dequant)
+    if cfg.kernel == "stream":
+        _launch_stream(cfg, x, w, group_size, y, fused)
+        return
+    kernels = _kernels()
+    qweight, scales, zeros = w
+    n_rows, k = qweight.shape[0], qweight.shape[1] * 8
+    n_out, num_groups = (n_rows // 2 if fused else n_rows), k // group_size
+    z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
+    meta = dict(HAS_ZEROS=zeros is not None, GROUP=group_size, BN=cfg.block_n)
+    meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid_n = -(-n_out // cfg.block_n)
+    if cfg.kernel == "dequant":
+        unroll = cfg.unroll if num_groups % cfg.unroll == 0 else 1
+        grid = (grid_n, num_groups // unroll)
+        kernels.dequant[grid](
+            qweight, scales, z, y, n_rows, k, kernels.MAGIC, UNROLL=unroll, **meta
+        )
+        return
+    t = x.shape[0]
+    assert cfg.kernel in ("gemv", "mma"), f"unknown kernel {cfg.kernel!r}"
+    if cfg.kernel == "gemv":
+        assert t <= cfg.block_t <= 8, f"the gemv kernel takes at most {cfg.block_t} tokens, got {t}"
+        meta.update(PREFETCH=cfg.prefetch)
+    else:
+        meta.update(DOT_FP32=_interpreting())
+    grid_t = -(-t // cfg.block_t)
+    unroll, splits, per_split = _split_plan(cfg, grid_n * grid_t, num_groups, y.device)
+    ws, cnt = _split_scratch(y.device, splits * 2 * grid_t * cfg.block_t * n_out, grid_n * grid_t)
+    kernel = kernels.gemv if cfg.kernel == "gemv" else kernels.mma
+    kernel[(grid_n, grid_t, splits)](
+        x, qweight, scales, z, y, ws, cnt, t, n_out, k, n_out, x.stride(0), y.stride(0),
+        per_split, kernels.MAGIC, FUSED=fused, BT=cfg.block_t, UNROLL=unroll, **meta,
+    )  # fmt: skip
+
+
+SPLIT_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def sweep_configs(kinds: list[str], time_fn) -> list[tuple[KernelConfig, float]]:
-    """Time every candidate config of `kinds` (automatic split), then the fastest gemv/gemm
-    one with each of SPLIT_CHOICES (the split is a grid dimension: no recompilation).
+    """Time every candidate config of `kinds`, then the fastest split-K kernel (gemv/mma) with
+    each of SPLIT_CHOICES (the split is a grid dimension: no recompilation).
 
     time_fn(config) -> milliseconds; an exception skips that config. Returns (config, ms),
     fastest first.
@@ -260,7 +290,7 @@ def sweep_configs(kinds: list[str], time_fn) -> list[tuple[KernelConfig, float]]
                 timed.append((cfg, time_fn(cfg)))
             except Exception:  # a config that fails to compile or run is skipped
                 continue
-    splittable = [item for item in timed if item[0].kernel != "dequant"]
+    splittable = [item for item in timed if item[0].kernel in ("gemv", "mma")]
     if splittable:
         best = min(splittable, key=lambda item: item[1])[0]
         prefill = best.block_t > MAX_DECODE_TOKENS  # enough token tiles: few splits matter
@@ -274,12 +304,12 @@ def sweep_configs(kinds: list[str], time_fn) -> list[tuple[KernelConfig, float]]
 
 
 def _pick_config(x, w, group_size, y, fused) -> KernelConfig:
-    # dequant when x is None; else PINNED, then the tuning cache / a sweep, then the default
+    # PINNED, then the tuning cache / a sweep (CUDA), then the first candidate of the kind
     kinds = ["dequant"] if x is None else kinds_for_tokens(x.shape[0])
-    t_bucket = 0 if x is None else token_bucket(x.shape[0])
-    key = (w[0].shape[0], w[0].shape[1] * 8, fused, t_bucket)
-    if x is not None and key in PINNED:
-        return PINNED[key]
+    key = (w[0].shape[0], w[0].shape[1] * 8, fused, 0 if x is None else token_bucket(x.shape[0]))
+    pinned = PINNED.get(key)
+    if pinned is not None and (pinned.kernel != "stream" or x.shape[0] <= pinned.block_t):
+        return pinned
     default = candidate_configs(kinds[0])[0]
     if not (_AUTOTUNE and y.is_cuda) or _interpreting():
         return default
@@ -386,8 +416,28 @@ def dequantize_int4_into(
 
 def prefill_scratch_numel(layout: Int4ExpertLayout) -> int:
     """Elements of bf16 scratch `expert_forward_int4` needs for prefill (3 * H * I) when
-    PREFILL_MODE is "dequant" (the fused gemm needs none; callers still allocate it)."""
+    PREFILL_MODE is "dequant"."""
     return 3 * layout.hidden_size * layout.intermediate_size
+
+
+def _dequant_expert(buffer, layout, scratch, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    # the expert's bf16 weights in `scratch`: gate/up [2I, H], down [H, I]
+    h, i, g = layout.hidden_size, layout.intermediate_size, layout.group_size
+    w_gate_up = scratch[: 2 * i * h].view(2 * i, h)
+    dequantize_int4_into(*layout.gate_up_views(buffer), g, w_gate_up, backend=backend)
+    w_down = scratch[2 * i * h : 3 * i * h].view(h, i)
+    dequantize_int4_into(*layout.down_views(buffer), g, w_down, backend=backend)
+    return w_gate_up, w_down
+
+
+def _dense_expert(x_in, w_gate_up, w_down) -> torch.Tensor:
+    gate_out, up_out = (x_in @ w_gate_up.T).chunk(2, dim=1)  # [T, I] each
+    return (F.silu(gate_out) * up_out) @ w_down.T
+
+
+def _permuted_input(x, buffer, layout) -> torch.Tensor:
+    perm = layout.hidden_perm_view(buffer)  # GPTQ act-order
+    return x if perm is None else x.index_select(1, perm)
 
 
 def expert_forward_int4(
@@ -400,24 +450,16 @@ def expert_forward_int4(
 ) -> torch.Tensor:
     """down(silu(gate x) * up x) [T, H] for one int4 expert buffer.
 
-    Triton: the fused kernels (weights read once per token tile, no bf16 copy of the weights);
-    with PREFILL_MODE "dequant" and T > MAX_DECODE_TOKENS, dequantize into `scratch` (bf16,
-    >= prefill_scratch_numel elements) and use matmul. Torch: the reference path.
+    Triton, T <= MAX_DECODE_TOKENS: the fused kernels (no bf16 copy of the weights); more
+    tokens: PREFILL_MODE "dequant" dequantizes into `scratch` (bf16, >= prefill_scratch_numel
+    elements; allocated when None) and uses cuBLAS, "fused" the mma kernel. Torch: the reference.
     """
-    # T tokens, H hidden, I intermediate
-    h, i, g = layout.hidden_size, layout.intermediate_size, layout.group_size
-    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    perm = layout.hidden_perm_view(buffer)
-    x_in = x if perm is None else x.index_select(1, perm)
+    g = layout.group_size
+    x_in = _permuted_input(x, buffer, layout)
     small = x.shape[0] <= MAX_DECODE_TOKENS
     if small or PREFILL_MODE == "fused" or not _use_triton(x, backend):
-        act = int4_gate_up_silu(x_in, *gate_up, g, backend=backend)  # [T, I]
-        return int4_linear(act, *down, g, backend=backend)  # [T, H]
+        act = int4_gate_up_silu(x_in, *layout.gate_up_views(buffer), g, backend=backend)
+        return int4_linear(act, *layout.down_views(buffer), g, backend=backend)  # [T, H]
     if scratch is None:
         scratch = torch.empty(prefill_scratch_numel(layout), dtype=x.dtype, device=x.device)
-    w_gate_up = scratch[: 2 * i * h].view(2 * i, h)
-    dequantize_int4_into(*gate_up, g, w_gate_up, backend=backend)
-    w_down = scratch[2 * i * h : 3 * i * h].view(h, i)
-    dequantize_int4_into(*down, g, w_down, backend=backend)
-    gate_out, up_out = (x_in @ w_gate_up.T).chunk(2, dim=1)  # [T, I] each
-    return (F.silu(gate_out) * up_out) @ w_down.T
+    return _dense_expert(x_in, *_dequant_expert(buffer, layout, scratch, backend))
