@@ -198,6 +198,7 @@ def run_one(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = engine.experts.stats()
+    retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
     row["ttft_s"] = generate_one(engine, prompt)
     after = engine.experts.stats()
     diff = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
@@ -209,6 +210,10 @@ def run_one(
         ring_slots=engine.memory_plan.num_ring_slots,
         cache_slots=engine.memory_plan.num_expert_slots,
         peak_gib=torch.cuda.max_memory_reserved() / GiB if cuda else None,
+        # allocations that hit the budget cap and freed cached blocks (each syncs the device)
+        alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0
+        if cuda
+        else 0,
     )
     row["within_budget"] = None if row["peak_gib"] is None else row["peak_gib"] <= budget
     return row

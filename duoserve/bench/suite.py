@@ -212,8 +212,11 @@ def run_policy(engine, replay, policy: str, budget: float | None, case: Case, pr
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
         r = common.run_batch(engine, prompts, case.max_tokens)
         r["peak_gib"] = torch.cuda.max_memory_reserved() / GiB if cuda else None
+        if cuda:  # allocations that hit the budget cap and freed cached blocks (device syncs)
+            r["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0
     except Exception as exc:  # a policy under construction may fail: record, go on
         for req_id in list(engine.requests):
             engine.abort_request(req_id)
