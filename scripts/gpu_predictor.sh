@@ -32,7 +32,9 @@
 # Env: TRAIN_MINUTES (3.5), DEADLINE_S (555: seconds from start the last stage must end by),
 #      EVAL_ALLOW_S (90: seconds for the trained model's export and eval.json),
 #      DEVICE (cuda), PYTHON (python3), CORPUS_DIR (.carry/corpus), WORK_DIR
-#      (out/predictor-run), TRAIN_EVERY (20), QWEN_TRAIN_EVERY (20), MODELS ("mixtral qwen3"),
+#      (out/predictor-run), TRAIN_EVERY (20), QWEN_TRAIN_EVERY (20; 10 when MODELS=qwen3: the
+#      GPU is not shared, so twice the training passages), MODELS ("mixtral qwen3"; one model
+#      alone: MODELS=qwen3 redoes only the Qwen3-30B-A3B topology, ~7 min),
 #      SMOKE=1 (3-layer tiny versions, a few prompts: a CPU check with DEVICE=cpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +56,9 @@ declare -A PRESET=([mixtral]=mixtral-8x7b-topology [qwen3]=qwen3-30b-a3b-topolog
 declare -A DIST=([mixtral]=4 [qwen3]=2)        # traced lookahead distances 1..D
 declare -A WIDTH=([mixtral]=4 [qwen3]=16)      # traced lookahead width (2K)
 declare -A REPLAY_D=([mixtral]=1,2 [qwen3]=1)  # distances kept in the shipped replay trace
-declare -A EVERY=([mixtral]=${TRAIN_EVERY:-20} [qwen3]=${QWEN_TRAIN_EVERY:-20})
+QWEN_EVERY_DEFAULT=20
+[[ "${MODELS// /}" == qwen3 ]] && QWEN_EVERY_DEFAULT=10  # alone on the GPU: more passages
+declare -A EVERY=([mixtral]=${TRAIN_EVERY:-20} [qwen3]=${QWEN_TRAIN_EVERY:-$QWEN_EVERY_DEFAULT})
 TRAIN_EXTRA=()
 TRACE_ARGS=(--max-tokens 32 --max-prompt-tokens 192 --max-model-len 256 --max-num-seqs 64
     --max-num-batched-tokens 8192)

@@ -340,6 +340,35 @@ def test_ours_beats_popularity_with_a_noisy_lookahead():
         assert exact[("ours", d)] > exact[("gate-lookahead", d)] > exact[("popularity", d)]
 
 
+def flat_router_trace(n: int, gen: torch.Generator, noise: float) -> RoutingTrace:
+    """E = 32, K = 8 routing with a 16-wide lookahead that ranks layer l+1's experts first
+    (its 8th and 9th swapped w.p. `noise`) but with nearly flat probabilities, like the
+    routers of an E = 128, K = 8 model: only the rank says where the routed set ends."""
+    L, E, K, M = 4, 32, 8, 16
+    ranking = torch.rand(n, L, E, generator=gen).argsort(-1)  # [n, L, E] each layer's order
+    ids = torch.full((n, L, 1, M), -1, dtype=torch.int16)
+    look = ranking[:, 1:, :M].clone()  # [n, L-1, M] layer l+1's ranking, seen from layer l
+    swap = torch.rand(n, L - 1, generator=gen) < noise
+    look[swap, K - 1], look[swap, K] = ranking[:, 1:, K][swap], ranking[:, 1:, K - 1][swap]
+    ids[:, : L - 1, 0] = look.to(torch.int16)
+    probs = torch.where(ids >= 0, torch.linspace(0.040, 0.036, M), 0.0).to(torch.float16)
+    trace = make_trace(ranking[..., :K], 50, E)
+    trace.lookahead_ids, trace.lookahead_probs = ids, probs
+    return trace
+
+
+def test_ours_keeps_the_lookahead_ranking_when_router_probabilities_are_flat():
+    gen = torch.Generator().manual_seed(12)
+    train, test = flat_router_trace(1500, gen, 0.2), flat_router_trace(300, gen, 0.2)
+    kw = {"epochs": 2, "log": lambda s: None, "max_distance": 1, "lookahead_width": 16}
+    rows = evaluate_predictors(
+        train, test, names=("gate-lookahead", "ours"), distances=(1,), train_kw=kw
+    )
+    gate, ours = ({m: r[m] for m in ("exact", "recall_k")} for r in rows)
+    assert 0.7 < gate["exact"] < 0.9, gate  # the swapped rows are the misses
+    assert ours["exact"] >= gate["exact"] - 0.01 and ours["recall_k"] >= gate["recall_k"] - 0.01
+
+
 # ------------------------------------------------------------------ metrics and CLI
 
 

@@ -83,3 +83,38 @@ def shift_layers(x: torch.Tensor, shift: int) -> torch.Tensor:
     elif shift < 0 and -shift < L:
         y[:, -shift:] = x[:, : L + shift]
     return y
+
+
+def lookahead_ranks(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Lookahead ids [..., M] (most likely first, -1 = none) -> [..., E] float: j + 1 for the
+    expert at rank j, 0 outside the top M (the index of the rank-bias term)."""
+    valid = ids >= 0
+    out = torch.zeros(*ids.shape[:-1], num_experts + 1, device=ids.device)
+    index = torch.where(valid, ids.long(), num_experts)
+    rank = torch.arange(1, ids.shape[-1] + 1, device=ids.device, dtype=out.dtype)
+    return out.scatter_(-1, index, rank.expand(ids.shape))[..., :num_experts]
+
+
+def rank_prior(trace: RoutingTrace, d: int, width: int) -> torch.Tensor:
+    """[L, M] log(P(routed at l+d | gate-lookahead rank j) / P(routed | outside the top M)).
+
+    The lookahead ranking is nearly the routing near its top and uninformative past K, so
+    a per-rank bias is what the logits need first; with many flat router probabilities
+    (E = 128) a scale on log p cannot express the step at rank K. Counted on `trace`
+    (half-count smoothed); rows l >= L-d are 0.
+    """
+    # N tokens, L layers, K top-k, M width, E experts
+    L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    assert trace.lookahead_ids is not None and d <= trace.max_distance, "needs lookahead d"
+    out = torch.zeros(L, width)
+    if d >= L:
+        return out
+    ids = trace.lookahead_ids[:, : L - d, d - 1, :width].long()  # [N, L-d, M]
+    routed = trace.expert_ids[:, d:].long()  # [N, L-d, K]
+    hit = (ids[..., :, None] == routed[..., None, :]).any(-1) & (ids >= 0)  # [N, L-d, M]
+    n = (ids >= 0).sum(0).float()  # [L-d, M]
+    p_rank = (hit.sum(0).float() + 0.5) / (n + 1.0)
+    outside = (K * trace.num_tokens - hit.sum((0, 2)).float()).clamp_min(0.5)  # [L-d]
+    p_out = outside / (trace.num_tokens * (E - width)) if width < E else outside.new_ones(1)
+    out[: L - d] = (p_rank / p_out.clamp_max(1.0)[:, None]).log()
+    return out

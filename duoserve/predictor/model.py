@@ -10,11 +10,16 @@ of E-sized blocks (E experts, W path layers):
     prev      multi-hot of the previous token's experts at layer l+d (same sequence)
 
     logits = W2 relu(W1 x + b1) + b2 + sum over non-path blocks of (diag_b * block)
+             + rank[rank of the expert in the lookahead top M]   (0 outside the top M)
 
-(hidden = 0: logits = W1 x + b1 + diag terms). b2 starts at log popularity of layer l+d:
-popularity enters as the prior a per-layer model starts from. The "paper" feature set is
-path + affinity (+ popularity); "ours" adds lookahead and prev. Saved as safetensors with
-the config and training record as JSON metadata.
+(hidden = 0: logits = W1 x + b1 + diag terms + rank). b2 starts at log popularity of layer
+l+d: popularity enters as the prior a per-layer model starts from. The rank term (one bias
+per lookahead rank, shared by all experts; config.lookahead_rank) starts at the counted
+log-odds of being routed at each rank (features.rank_prior), so training starts from the
+gate-lookahead ranking with the step at rank K that E = 128, K = 8 routers need (their
+top-16 probabilities are nearly flat: a scale on log p cannot separate rank 8 from 9).
+The "paper" feature set is path + affinity (+ popularity); "ours" adds lookahead and prev.
+Saved as safetensors with the config and training record as JSON metadata.
 """
 
 from __future__ import annotations
@@ -30,12 +35,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from duoserve.predictor.features import dense_probs, log_feature, multi_hot, shift_layers
+from duoserve.predictor.features import (
+    dense_probs,
+    log_feature,
+    lookahead_ranks,
+    multi_hot,
+    shift_layers,
+)
 
 FORMAT = "duoserve-predictor"
 ALL_FEATURES = ("path", "affinity", "lookahead", "prev")
 FEATURE_SETS = {"paper": ("path", "affinity"), "ours": ALL_FEATURES}
-LOOKAHEAD_PRIOR = 8.0  # initial logit scale of the lookahead log feature
+LOOKAHEAD_PRIOR = 8.0  # initial logit scale of the lookahead log feature (no rank term)
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class PredictorConfig:
     path_layers: int = 4  # W
     lookahead_width: int = 4  # M gate-lookahead experts kept per (l, d)
     hidden: int = 64  # 0: a linear model
+    lookahead_rank: bool = True  # a bias per lookahead rank (files without the key: False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "distances", tuple(self.distances))
@@ -72,6 +84,11 @@ class PredictorConfig:
         if "prev" in self.features:
             names.append("prev")
         return tuple(names)
+
+    @property
+    def uses_rank(self) -> bool:
+        """Whether the logits have the per-rank lookahead bias."""
+        return self.lookahead_rank and "lookahead" in self.features
 
     @property
     def direct_blocks(self) -> tuple[str, ...]:
@@ -100,13 +117,24 @@ class Predictor(nn.Module):
                 self.params[f"d{d}_w2"] = nn.Parameter(torch.randn(L, H, E) * 0.1 * H**-0.5)
                 self.params[f"d{d}_b2"] = nn.Parameter(torch.zeros(L, E))
             self.params[f"d{d}_diag"] = nn.Parameter(torch.zeros(L, len(c.direct_blocks), E))
+            if c.uses_rank:
+                self.params[f"d{d}_rank"] = nn.Parameter(torch.zeros(L, c.lookahead_width))
         self.training_record: dict[str, Any] = {}
         self._fused: dict[tuple, Any] = {}  # decode-time tables, see fused()
 
-    def set_tables(self, popularity: torch.Tensor, affinities: dict[int, torch.Tensor]) -> None:
+    def set_tables(
+        self,
+        popularity: torch.Tensor,
+        affinities: dict[int, torch.Tensor],
+        rank_priors: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         """Install popularity [L, E] and affinity [L, E, E] tables; output biases start at
-        log popularity of the target layer."""
+        log popularity of the target layer. The lookahead starts as the ranking: with
+        `rank_priors` ({d: [L, M]}, features.rank_prior) and the rank term, the rank biases
+        start there; otherwise (rank biases left as they are) the log feature's direct
+        weight starts at LOOKAHEAD_PRIOR."""
         self._fused.clear()
+        c = self.config
         with torch.no_grad():
             self.popularity.copy_(popularity)
             log_pop = popularity.clamp_min(1e-6).log()
@@ -114,9 +142,11 @@ class Predictor(nn.Module):
                 getattr(self, f"affinity_d{d}").copy_(affinities[d])
                 bias = self.params[f"d{d}_b2" if self.config.hidden else f"d{d}_b1"]
                 bias.copy_(shift_layers(log_pop[None], d)[0])
-                if "lookahead" in self.config.features:  # start at the gate-lookahead ranking
+                if c.uses_rank and rank_priors is not None:
+                    self.params[f"d{d}_rank"].copy_(rank_priors[d])
+                elif "lookahead" in c.features:
                     diag = self.params[f"d{d}_diag"]
-                    diag[:, self.config.direct_blocks.index("lookahead_log")] = LOOKAHEAD_PRIOR
+                    diag[:, c.direct_blocks.index("lookahead_log")] = LOOKAHEAD_PRIOR
 
     # ---------------------------------------------------------------- features
 
@@ -132,6 +162,8 @@ class Predictor(nn.Module):
 
         routed_ids [B, L, K] the tokens' routing; prev_ids [B, L, K] the previous tokens'
         (-1: none); lookahead_ids/probs [B, L, M'] the trace's lookahead for distance d.
+        With the rank term, a last E-sized block holds each expert's lookahead rank + 1
+        (0: outside the top M).
         """
         # B tokens, L layers, K top-k, E experts
         c = self.config
@@ -147,10 +179,11 @@ class Predictor(nn.Module):
             M = c.lookahead_width
             dense = dense_probs(lookahead_ids[..., :M], lookahead_probs[..., :M], c.num_experts)
             blocks += [dense, torch.where(dense > 0, log_feature(dense), 0.0)]
+        ranks = lookahead_ranks(lookahead_ids[..., :M], c.num_experts) if c.uses_rank else None
         if "prev" in c.features:
             prev = torch.zeros_like(hot) if prev_ids is None else multi_hot(prev_ids, c.num_experts)
             blocks.append(shift_layers(prev, d))
-        return torch.cat(blocks, dim=-1)
+        return torch.cat(blocks + ([ranks] if ranks is not None else []), dim=-1)
 
     # ---------------------------------------------------------------- scoring
 
@@ -159,13 +192,20 @@ class Predictor(nn.Module):
         c, p = self.config, self.params
         if isinstance(layers, int):
             layers = slice(layers, layers + 1)
-        h = torch.einsum("bpf,pfh->bph", x, p[f"d{d}_w1"][layers]) + p[f"d{d}_b1"][layers]
+        E, nb = c.num_experts, len(c.blocks)
+        first = nb - len(c.direct_blocks)
+        h = torch.einsum("bpf,pfh->bph", x[..., : nb * E], p[f"d{d}_w1"][layers])
+        h = h + p[f"d{d}_b1"][layers]
         if c.hidden:
             h = torch.einsum("bph,phe->bpe", F.relu(h), p[f"d{d}_w2"][layers])
             h = h + p[f"d{d}_b2"][layers]
-        E, first = c.num_experts, len(c.blocks) - len(c.direct_blocks)
-        direct = x[..., first * E :].unflatten(-1, (len(c.direct_blocks), E))  # [B, P, nD, E]
-        return h + (direct * p[f"d{d}_diag"][layers]).sum(-2)
+        direct = x[..., first * E : nb * E].unflatten(-1, (len(c.direct_blocks), E))
+        h = h + (direct * p[f"d{d}_diag"][layers]).sum(-2)  # direct: [B, P, nD, E]
+        if c.uses_rank:
+            rank = F.pad(p[f"d{d}_rank"][layers], (1, 0))  # [P, M + 1], index 0: outside
+            index = x[..., nb * E :].long()  # [B, P, E]
+            h = h + rank.expand(*index.shape[:2], -1).gather(-1, index)
+        return h
 
     def train(self, mode: bool = True) -> Predictor:
         """Also drops the decode-time tables (they copy the weights)."""
@@ -247,7 +287,9 @@ class Predictor(nn.Module):
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a predictor file (format {meta.get('format')!r})")
             state = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118
-        predictor = cls(PredictorConfig(**json.loads(meta["config"])))
+        config = json.loads(meta["config"])
+        config.setdefault("lookahead_rank", False)  # files from before the rank term
+        predictor = cls(PredictorConfig(**config))
         predictor.load_state_dict(state)
         predictor.training_record = json.loads(meta.get("training", "{}"))
         return predictor.to(device).eval()

@@ -9,6 +9,8 @@ direct terms are rows of one table. `FusedPredictor` folds, per (layer l, distan
     lookahead   [3E]   rows weighted by p, by 1 and by log(max(p, floor)) (the log feature
                        1 + log(max(p, floor)) / log(1 / floor) is their sum)
     prev        [E]    previous token's experts at layer l+d
+    rank        [E]    identity rows into the logits, weighted by the rank bias of each
+                       lookahead position (only with the rank term)
     bias        [1]    b1 and b2
 
 and a call is: topk of the lookahead probabilities, index and weight concatenation, one
@@ -41,14 +43,16 @@ class _CallPlan:
     bag_starts: torch.Tensor  # [B] start of each row's bag in the flat inputs
     ones: torch.Tensor  # [B, >= any block width] unit weights
     zeros: torch.Tensor  # [B, 1] index column of the bias row
+    rank: torch.Tensor | None  # [B, M] rank-bias weights of the lookahead positions
     w2: torch.Tensor | None  # [H, E] second layer of this (layer, d)
 
 
 class FusedPredictor:
     """Fused tables of a trained Predictor on one device (see module docstring).
 
-    Tables: [pairs * R, H + E] (R = (W + 4) * E + 1 rows per (l, d) pair), plus W2 [pairs,
-    H, E]; with hidden = 0 the table is [pairs * R, E] and holds the logits directly.
+    Tables: [pairs * R, H + E] (R = (W + 4) * E + 1 rows per (l, d) pair, (W + 5) * E + 1
+    with the rank term), plus W2 [pairs, H, E]; with hidden = 0 the table is [pairs * R, E]
+    and holds the logits directly.
     """
 
     def __init__(
@@ -61,9 +65,9 @@ class FusedPredictor:
         c = self.config = predictor.config
         self.distances = tuple(distances or c.distances)
         assert all(d in c.distances for d in self.distances), f"trained for {c.distances}"
-        self.rows_per_pair = (c.path_layers + 4) * c.num_experts + 1
+        self.rows_per_pair = (c.path_layers + 4 + c.uses_rank) * c.num_experts + 1
         self.pair_of: dict[tuple[int, int], int] = {}
-        tables, w2 = [], []
+        tables, w2, ranks = [], [], []
         with torch.no_grad():
             for d in self.distances:
                 for layer in range(c.num_layers - d):
@@ -71,15 +75,18 @@ class FusedPredictor:
                     tables.append(_pair_table(predictor, layer, d))
                     if c.hidden:
                         w2.append(predictor.params[f"d{d}_w2"][layer])
+                    if c.uses_rank:
+                        ranks.append(predictor.params[f"d{d}_rank"][layer])
         self.table = torch.cat(tables).detach().to(device, dtype).contiguous()
         self.w2 = torch.stack(w2).detach().to(device, dtype) if w2 else None
+        self.ranks = torch.stack(ranks).detach().to(device, dtype) if ranks else None  # [pairs, M]
         self.device, self.dtype = torch.device(device), dtype
         self._plans: dict[tuple[int, int, int, bool], _CallPlan] = {}
 
     @property
     def num_bytes(self) -> int:
         """Device memory of the tables."""
-        extra = 0 if self.w2 is None else self.w2.numel() * self.w2.element_size()
+        extra = sum(t.numel() * t.element_size() for t in (self.w2, self.ranks) if t is not None)
         return self.table.numel() * self.table.element_size() + extra
 
     def _plan(self, layer: int, d: int, batch: int, prev: bool) -> _CallPlan:
@@ -94,9 +101,11 @@ class FusedPredictor:
         pair = self.pair_of[(layer, d)]
         base = pair * self.rows_per_pair
         offsets = [base + (num_slots - 1 - j) * E for j in range(num_slots) for _ in range(K)]
+        rank = la and self.ranks is not None
         offsets += [base + (W + i) * E for i in range(3) for _ in range(M)] if la else []
+        offsets += [base + (W + 4) * E] * M if rank else []  # in the order scores() builds
         offsets += [base + (W + 3) * E] * K if prev else []
-        offsets.append(base + (W + 4) * E)  # the bias row (its index column is 0)
+        offsets.append(base + self.rows_per_pair - 1)  # the bias row (its index column is 0)
         J = len(offsets)
         dev, long = self.device, torch.long
         return _CallPlan(
@@ -107,6 +116,7 @@ class FusedPredictor:
             bag_starts=torch.arange(0, batch * J, J, dtype=long, device=dev),
             ones=torch.ones(batch, max(num_slots * K, M, K, 1), dtype=self.dtype, device=dev),
             zeros=torch.zeros(batch, 1, dtype=long, device=dev),
+            rank=self.ranks[pair].expand(batch, M).contiguous() if rank else None,
             w2=None if self.w2 is None else self.w2[pair],
         )
 
@@ -133,6 +143,9 @@ class FusedPredictor:
             p = top.values if top.values.dtype == self.dtype else top.values.to(self.dtype)
             index += [top.indices] * 3
             weight += [p, ones[:, : p.shape[1]], p.clamp_min(LOG_FLOOR).log()]
+            if plan.rank is not None:
+                index.append(top.indices)
+                weight.append(plan.rank)
         if plan.prev:
             index.append(prev_ids)
             weight.append(ones[:, : prev_ids.shape[1]])
@@ -171,8 +184,9 @@ def _pair_table(predictor: Predictor, layer: int, d: int) -> torch.Tensor:
     block = {name: w1[i] for i, name in enumerate(c.blocks)}
     direct = {name: diag[i] for i, name in enumerate(c.direct_blocks)}
     width, dev = H or E, w1.device
-    hidden = torch.zeros((W + 4) * E + 1, width, device=dev)
-    out = torch.zeros((W + 4) * E + 1, E, device=dev)  # direct terms into the logits
+    num_rows = (W + 4 + c.uses_rank) * E + 1
+    hidden = torch.zeros(num_rows, width, device=dev)
+    out = torch.zeros(num_rows, E, device=dev)  # direct terms into the logits
     for w in range(W):
         if f"path{w}" in block:
             hidden[w * E : (w + 1) * E] = block[f"path{w}"]
@@ -190,6 +204,8 @@ def _pair_table(predictor: Predictor, layer: int, d: int) -> torch.Tensor:
     if "prev" in block:
         rows_prev = slice((W + 3) * E, (W + 4) * E)
         hidden[rows_prev], out[rows_prev] = block["prev"], eye * direct["prev"]
+    if c.uses_rank:  # weighted by the rank bias of each lookahead position at call time
+        out[(W + 4) * E : (W + 5) * E] = eye
     hidden[-1] = p[f"d{d}_b1"][layer]
     if H:
         out[-1] = p[f"d{d}_b2"][layer]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duoserve.predictor.features import affinity, multi_hot, popularity, shift_layers
+from duoserve.predictor.features import affinity, multi_hot, popularity, rank_prior, shift_layers
 from duoserve.predictor.model import Predictor, PredictorConfig
 from duoserve.predictor.trace import RoutingTrace, split_by_sequence
 
@@ -122,7 +122,11 @@ def train_predictor(
     torch.manual_seed(seed)
     fit, valid = split_by_sequence(trace, 0.1, seed) if _num_seqs(trace) >= 10 else (trace, trace)
     predictor = Predictor(config)  # initialised on the CPU: the same weights on any device
-    predictor.set_tables(popularity(fit), {d: affinity(fit, d, device) for d in config.distances})
+    ranks = None
+    if config.uses_rank:
+        ranks = {d: rank_prior(fit, d, config.lookahead_width) for d in config.distances}
+    affinities = {d: affinity(fit, d, device) for d in config.distances}
+    predictor.set_tables(popularity(fit), affinities, ranks)
     predictor.to(device)
     fit_data, valid_data = TokenTensors.of(fit).to(device), TokenTensors.of(valid).to(device)
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=1e-4)
