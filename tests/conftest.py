@@ -112,3 +112,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cuda_memory(request):
+    """GPU tests: each starts with the memory of earlier tests freed and no per-process cap.
+
+    Engines set a process-wide cap (the budget); a finished test's engine may still hold
+    blocks until collected, which would count against the next test's budget.
+    """
+    if request.node.get_closest_marker("gpu") is not None and torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    yield
