@@ -100,6 +100,11 @@ def add_server_commands(sub: argparse._SubParsersAction) -> None:
     for name, helptext in (  # run by duoserve/cli.py's main, which hands them their flags
         ("offload", "offloading policies at GPU memory budgets (--budgets GiB ...)"),
         ("resident", "full-GPU upper bound vs transformers on the same weights"),
+        ("suite", "a benchmark scenario (S1, S2, S3) over every policy, next to the bounds"),
+        ("report", "regenerate docs/benchmarks.md from the suite's JSON"),
+        ("prefill", "prefill TTFT per policy and budget, next to the PCIe bound"),
+        ("decode", "decode TPOT per policy, next to the Belady and compute-only bounds"),
+        ("serve-sweep", "goodput and p99 latencies against request rate, per policy"),
     ):
         bench_sub.add_parser(name, help=helptext)
 
