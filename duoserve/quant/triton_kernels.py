@@ -101,7 +101,39 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
 
 # (weight rows N, K, fused gate/up, token bucket) -> config; paste the GPU bench's "PINNED"
 # output here. Buckets: 1, 2, 4, 8, 16 (decode), 32..512 (fused prefill), 0 (dequant).
-PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {}
+# From bench/results/int4-kernels-h100-v3.log (H100, round 3, group 128, asymmetric, bf16),
+# written positionally: KernelConfig(kernel, block_n, block_k, block_t, num_warps,
+# num_stages, split_k, unroll, prefetch).
+PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
+    (4096, 14336, False, 1): KernelConfig("gemv", 64, 0, 1, 4, 1, 8, 1, True),
+    (28672, 4096, True, 1): KernelConfig("stream", 8, 2048, 1, 2, 1, 0, 1, False),
+    (4096, 14336, False, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
+    (28672, 4096, True, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
+    (4096, 14336, False, 4): KernelConfig("mma", 64, 0, 16, 4, 3, 8, 1, False),
+    (28672, 4096, True, 4): KernelConfig("mma", 64, 0, 16, 4, 2, 1, 2, False),
+    (4096, 14336, False, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 0, 1, False),
+    (28672, 4096, True, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 6, 1, False),
+    (4096, 14336, False, 16): KernelConfig("mma", 64, 0, 16, 4, 3, 0, 1, False),
+    (28672, 4096, True, 16): KernelConfig("mma", 64, 0, 16, 4, 3, 6, 1, False),
+    (4096, 14336, False, 512): KernelConfig("mma", 64, 0, 128, 4, 3, 1, 1, False),
+    (28672, 4096, True, 512): KernelConfig("mma", 128, 0, 64, 8, 3, 1, 1, False),
+    (2048, 768, False, 1): KernelConfig("gemv", 64, 0, 1, 4, 1, 0, 1, True),
+    (1536, 2048, True, 1): KernelConfig("gemv", 64, 0, 1, 4, 1, 12, 1, True),
+    (2048, 768, False, 2): KernelConfig("mma", 64, 0, 16, 4, 2, 0, 2, False),
+    (1536, 2048, True, 2): KernelConfig("stream", 2, 4096, 2, 4, 1, 0, 1, False),
+    (2048, 768, False, 4): KernelConfig("mma", 64, 0, 16, 4, 3, 12, 1, False),
+    (1536, 2048, True, 4): KernelConfig("stream", 2, 2048, 4, 2, 1, 0, 1, False),
+    (2048, 768, False, 8): KernelConfig("mma", 64, 0, 16, 4, 2, 16, 2, False),
+    (1536, 2048, True, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 0, 1, False),
+    (2048, 768, False, 16): KernelConfig("mma", 64, 0, 16, 4, 2, 2, 2, False),
+    (1536, 2048, True, 16): KernelConfig("mma", 64, 0, 16, 4, 3, 12, 1, False),
+    (2048, 768, False, 512): KernelConfig("mma", 64, 0, 128, 4, 3, 1, 1, False),
+    (1536, 2048, True, 512): KernelConfig("mma", 128, 0, 64, 8, 3, 2, 1, False),
+    (28672, 4096, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
+    (4096, 14336, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
+    (1536, 2048, False, 0): KernelConfig("dequant", 16, 0, 1, 4, 1, 0, 4, False),
+    (2048, 768, False, 0): KernelConfig("dequant", 16, 0, 1, 4, 1, 0, 4, False),
+}
 
 
 def candidate_configs(kind: str) -> list[KernelConfig]:
