@@ -28,7 +28,8 @@ def main(dirs: list[str]) -> None:
             worst = max(worst, ((ours - want).abs().max() / want.abs().max()).item())
         cfg = llm.engine.model_config
         print(
-            f"{path}: {cfg.architecture} {cfg.num_layers}x{cfg.num_experts} top-{cfg.num_experts_per_tok}"
+            f"{path}: {cfg.architecture} {cfg.num_layers}x{cfg.num_experts} "
+            f"top-{cfg.num_experts_per_tok}"
             f": max |ours - transformers| / max|logit| = {worst:.2e}"
         )
         del llm, hf
