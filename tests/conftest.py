@@ -129,3 +129,22 @@ def _fresh_cuda_memory(request):
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0)
     yield
+
+
+def budget_for_slots(llm, num_slots: int, scratch_copies: int = 1) -> float:
+    """A budget (GiB) whose memory plan leaves exactly `num_slots` expert-sized slots for
+    `llm`'s model (cache slots, plus ring slots for pipeline policies), with
+    `scratch_copies` int4 dequant scratches (the pipeline holds a second one)."""
+    from duoserve.offload.planner import SLACK_BYTES, SLACK_FRACTION, plan_memory
+
+    engine = llm.engine
+    probe = plan_memory(
+        engine.model_config,
+        engine.config.replace(gpu_memory_budget=1.0),
+        engine.dtype,
+        engine.device,
+        "lru",
+    )
+    fixed = probe.dense_bytes + probe.kv_cache_bytes + probe.activation_bytes
+    fixed += scratch_copies * probe.dequant_scratch_bytes + SLACK_BYTES[engine.device.type]
+    return (fixed + (num_slots + 0.5) * probe.expert_bytes) / (1 - SLACK_FRACTION) / 2**30

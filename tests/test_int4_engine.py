@@ -22,7 +22,7 @@ from duoserve.config import EngineConfig
 from duoserve.quant.int4 import dequantize_int4, quantize_int4
 from duoserve.quant.loading import int4_group_size
 
-from .conftest import make_hf_checkpoint
+from .conftest import budget_for_slots, make_hf_checkpoint
 from .test_parity import PROMPTS
 
 SMALL = dict(
@@ -35,19 +35,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column held by nibble i of an AWQ
 
 def budget_for(llm: LLM, num_slots: int) -> float:
     """A budget (GiB) that leaves room for `num_slots` slots of `llm`'s expert format."""
-    from duoserve.offload.planner import SLACK_BYTES, SLACK_FRACTION, plan_memory
-
-    engine = llm.engine
-    probe = plan_memory(
-        engine.model_config,
-        engine.config.replace(gpu_memory_budget=1.0),
-        engine.dtype,
-        engine.device,
-        "lru",
-    )
-    fixed = probe.dense_bytes + probe.kv_cache_bytes + probe.activation_bytes
-    fixed += probe.dequant_scratch_bytes + SLACK_BYTES["cpu"]
-    return (fixed + (num_slots + 0.5) * probe.expert_bytes) / (1 - SLACK_FRACTION) / 2**30
+    return budget_for_slots(llm, num_slots)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from duoserve.offload.prefetch import PrefetchingExperts
 from duoserve.predictor import online
 from duoserve.predictor.model import Predictor, PredictorConfig
 
-from .conftest import FAMILIES
+from .conftest import FAMILIES, budget_for_slots
 from .test_parity import PROMPTS
 
 SMALL = dict(
@@ -32,14 +32,7 @@ def decode_backend(llm: LLM) -> PrefetchingExperts:
 
 def budget_for(resident: LLM, num_slots: int) -> float:
     """A budget (GiB) whose plan has exactly `num_slots` expert slots (no prefill ring)."""
-    from duoserve.offload.planner import SLACK_BYTES, SLACK_FRACTION, plan_memory
-
-    engine = resident.engine
-    probe = plan_memory(engine.model_config, engine.config.replace(gpu_memory_budget=1.0),
-                        engine.dtype, engine.device, "lru")  # fmt: skip
-    fixed = probe.dense_bytes + probe.kv_cache_bytes + probe.activation_bytes
-    fixed += SLACK_BYTES[engine.device.type] + probe.dequant_scratch_bytes
-    return (fixed + (num_slots + 0.5) * probe.expert_bytes) / (1 - SLACK_FRACTION) / 2**30
+    return budget_for_slots(resident, num_slots)
 
 
 def slots_for(resident: LLM, fraction: float) -> int:

@@ -24,7 +24,7 @@ from duoserve.offload.planner import (
 from duoserve.offload.prefill import POISON_ENV, check_ring_order
 from duoserve.weights.synthetic import synthetic_config
 
-from .conftest import FAMILIES
+from .conftest import FAMILIES, budget_for_slots
 from .test_parity import PROMPTS
 
 SMALL = dict(
@@ -36,18 +36,7 @@ DENSE, SPARSE = 0.0, math.inf  # dense_threshold values forcing either case
 
 def pipeline_budget(ref: LLM, ring: int, slots: int) -> float:
     """A budget (GiB) that plans `ring` ring slots and `slots` cache slots for `ref`'s model."""
-    engine = ref.engine
-    probe = plan_memory(
-        engine.model_config,
-        engine.config.replace(gpu_memory_budget=1.0),
-        engine.dtype,
-        engine.device,
-        "lru",
-    )
-    fixed = probe.dense_bytes + probe.kv_cache_bytes + probe.activation_bytes
-    fixed += 2 * probe.dequant_scratch_bytes + SLACK_BYTES[engine.device.type]
-    need = fixed + (ring + slots + 0.5) * probe.expert_bytes
-    return need / (1 - SLACK_FRACTION) / 2**30
+    return budget_for_slots(ref, ring + slots, scratch_copies=2)
 
 
 def pipeline_llm(model: str, ref: LLM, ring: int, slots: int, **kw) -> LLM:
