@@ -298,7 +298,7 @@ class EngineConfig:
         "auto", "decode predictor .safetensors for duoserve/uniform (auto: the shipped one)"
     )
     prefetch_distance: int = _opt(1, "decode prefetch looks d = 1..N MoE layers ahead")
-    prefetch_budget: int = _opt(0, "experts prefetched per layer and distance (0: 2 x top-k)")
+    prefetch_budget: int = _opt(0, "experts prefetched per layer and distance (0: top-k)")
     synthetic_seed: int = _opt(0, "seed of synthetic (random) weights")
     enforce_eager: int = _opt(0, "1: never capture CUDA graphs for decode")
     expert_dtype: str = _opt(

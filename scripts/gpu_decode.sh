@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU machine: decode prefetch tests and benchmark in one call (~5 min; pinning Qwen3 ~60 s).
+# GPU machine: decode prefetch and segment-graph tests and the decode benchmark in one call
+# (~6 min; pinning Qwen3 ~90 s). BUDGETS, TEST_TIMEOUT, BENCH_TIMEOUT override the defaults.
 #   OUT=out bash scripts/gpu_decode.sh          # GPU tests, then python -m duoserve.bench.decode
 #   SMOKE=1 bash scripts/gpu_decode.sh          # CPU smoke run: tiny model, tiny budgets
 # Extra arguments go to the benchmark (e.g. --max-tokens 128 --distance 2).
@@ -15,7 +16,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
     exit 0
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 60 $PY -m pytest tests/test_prefetch.py -m gpu -o addopts="" -q -x 2>&1 \
-    | tee "$OUT/decode_tests.log" | grep -E "passed|failed|Error|assert" | tail -15
-timeout 420 $PY -m duoserve.bench.decode --budgets 8 12 16 --batches 1 4 --max-tokens 64 \
-    --out "$OUT/decode.json" "$@" 2>&1 | tee "$OUT/decode.log" | grep -v "^{" | tail -30
+timeout ${TEST_TIMEOUT:-150} $PY -m pytest tests/test_prefetch.py tests/test_segments.py -m gpu \
+    -o addopts="" -q -s 2>&1 | tee "$OUT/decode_tests.log" \
+    | grep -E "passed|failed|Error|assert|graphed|segment graphs" | tail -25
+timeout ${BENCH_TIMEOUT:-420} $PY -m duoserve.bench.decode --budgets ${BUDGETS:-8 12 16} \
+    --batches 1 4 --max-tokens 64 --out "$OUT/decode.json" "$@" 2>&1 \
+    | tee "$OUT/decode.log" | grep -v "^{" | tail -30

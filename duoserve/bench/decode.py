@@ -10,9 +10,14 @@ tokens. Printed next to TPOT:
   the same access groups (prefill + decode, recorded in the `lru` run), times the expert
   size, over the link bandwidth measured in this run, per decode step;
 - compute-only TPOT: `full-gpu` (every expert resident) when it fits;
-- time compute waited on copies, bytes prefetched but unused, predictor time per step
-  (host, and CUDA events) as % of TPOT, host time per MoE layer (TPOT minus routing-sync
-  waits, over the MoE layers).
+- time compute waited on copies, bytes prefetched but unused, predictor time per step as %
+  of TPOT: host time of its calls and CUDA events around them when decode runs eagerly
+  (`--eager`); with segmented decode graphs (the default) its calls are captured, cost the
+  host nothing, and their device time is measured apart (`predictor_graph_ms`: one step's
+  calls in one graph, timed over replays); host time per MoE layer (TPOT minus
+  routing-sync waits, over the MoE layers).
+
+Prefetching policies run once per `--prefetch-budgets` value (0: the engine's default).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from duoserve.layers.sampler import SamplingParams
 from duoserve.offload.simulate import belady_misses
 
 POLICIES = ["lru", "uniform", "duoserve", "gate-lookahead", "trace-match"]
+PREFETCHING = ("uniform", "duoserve", "gate-lookahead", "trace-match")
 TRACE = "duoserve/assets/traces/qwen3-30b-a3b-topology.heldout.safetensors"
 GB = 1e9
 
@@ -77,7 +83,48 @@ def run_once(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, log: 
     return dict(step_s=step_s, sync_s=sync_s, stats=diff, groups=groups, split=prefill_groups)
 
 
-def measure(engine, policy, budget, prompts, args, link_gbps, library) -> dict:
+def predictor_graph_ms(engine, backend, batch: int, repeats: int = 20) -> float | None:
+    """Device ms of one decode step's predictor calls (every MoE layer and distance) for
+    `batch` rows, captured in one CUDA graph and timed over replays (on the scratch slot)."""
+    from duoserve.engine.context import step_context
+    from duoserve.engine.cuda_graphs import _static_context, _static_inputs
+
+    if engine.device.type != "cuda" or not hasattr(backend, "predictor"):
+        return None
+    cfg, dev = engine.model_config, engine.device
+    inputs = _static_inputs(engine.kv, batch, dev)
+    inputs[1] = 7  # a position inside every replayed sequence
+    ctx = _static_context(inputs, engine.kv)
+    ctx.capturing = True
+    x = torch.randn(batch, cfg.hidden_size, device=dev, dtype=engine.dtype)
+    L = cfg.num_moe_layers
+
+    def calls() -> None:
+        for li in range(L):
+            for d in range(1, backend.distance + 1):
+                if li + d < L:
+                    backend.predictor.predict(li, d, x, backend.budget)
+
+    with torch.inference_mode(), step_context(ctx):
+        backend.state.begin(ctx)
+        calls()  # warm-up: lazily built call plans
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            calls()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+    backend.state.ctx = None  # the next step adopts its own context
+    return start.elapsed_time(end) / repeats
+
+
+def measure(engine, policy, budget, prompts, args, link_gbps, library, prefetch=0) -> dict:
+    engine.config = engine.config.replace(prefetch_budget=prefetch)
     engine.set_expert_policy(policy, budget)
     backend = decode_backend(engine)
     if library is not None and getattr(getattr(backend, "predictor", None), "name", "") == (
@@ -90,7 +137,9 @@ def measure(engine, policy, budget, prompts, args, link_gbps, library) -> dict:
     tpot = sorted(r["step_s"])[steps // 2] if steps else None  # median decode step
     mean = sum(r["step_s"]) / max(steps, 1)
     row = dict(
-        policy=policy,
+        policy=policy if not hasattr(backend, "budget") else f"{policy} b={backend.budget}",
+        prefetch_budget=getattr(backend, "budget", None),
+        cuda_graphs=engine.runner.graphs is not None,
         budget_gib=budget,
         batch=len(prompts),
         tpot_ms=tpot * 1e3 if tpot else None,
@@ -107,6 +156,10 @@ def measure(engine, policy, budget, prompts, args, link_gbps, library) -> dict:
     if "predictor_host_s" in s and steps:
         row["predictor_host_pct"] = 100 * s["predictor_host_s"] / steps / mean
         row["predictor_cuda_pct"] = 100 * s.get("predictor_device_s", 0) / steps / mean
+        if engine.runner.graphs is not None:
+            ms = predictor_graph_ms(engine, backend, len(prompts))
+            row["predictor_graph_ms"] = ms
+            row["predictor_cuda_pct"] = 100 * ms / 1e3 / mean if ms is not None else None
     if r["groups"] is not None and link_gbps:
         slots = engine.memory_plan.num_expert_slots
         sim = belady_misses(r["groups"], slots)
@@ -130,7 +183,7 @@ def build_engine(args) -> tuple[LLMEngine, object]:
             gpu_memory_budget=max(args.budgets),
             predictor=args.predictor,
             prefetch_distance=args.distance,
-            enforce_eager=1,
+            enforce_eager=int(args.eager),
         ),
     )
     from duoserve.bench.replay import TraceReplay
@@ -155,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--predictor", default="auto")
     p.add_argument("--distance", type=int, default=1)
     p.add_argument("--no-full-gpu", action="store_true")
+    p.add_argument("--eager", action="store_true", help="no decode CUDA graphs")
+    p.add_argument("--prefetch-budgets", nargs="+", type=int, default=[0])
     p.add_argument("--out", default="bench/results/decode.json")
     args = p.parse_args(argv)
     policies = ["lru", *[x for x in args.policies if x != "lru"]]  # lru logs the accesses
@@ -175,9 +230,14 @@ def main(argv: list[str] | None = None) -> None:
         budgets = args.budgets if batch == 1 else [sorted(args.budgets)[len(args.budgets) // 2]]
         for budget in budgets:
             belady = None
-            for policy in policies:
+            runs = [
+                (policy, b)
+                for policy in policies
+                for b in (args.prefetch_budgets if policy in PREFETCHING else [0])
+            ]
+            for policy, b in runs:
                 try:
-                    row = measure(engine, policy, budget, prompts, args, link_gbps, library)
+                    row = measure(engine, policy, budget, prompts, args, link_gbps, library, b)
                 except (ValueError, ImportError, RuntimeError) as err:  # not buildable here
                     row = dict(policy=policy, budget_gib=budget, batch=batch, error=str(err))
                 belady = row.get("belady_ms", belady)
@@ -212,6 +272,7 @@ COLUMNS = [
     ("unused_gb", "unused GB", ".3f"),
     ("predictor_host_pct", "pred host%", ".1f"),
     ("predictor_cuda_pct", "pred cuda%", ".1f"),
+    ("predictor_graph_ms", "pred graph ms", ".2f"),
     ("host_ms_per_layer", "host ms/L", ".3f"),
     ("slots", "slots", "d"),
 ]

@@ -26,6 +26,7 @@ class StepContext:
     seq_lens_dev: torch.Tensor | None = None  # [B] int64, decode only
     slot_ids_dev: torch.Tensor | None = None  # [B] int64, decode only
     static_kv_len: int | None = None  # decode attends over this many cache rows (CUDA graphs)
+    capturing: bool = False  # a CUDA-graph warm-up or capture: skip host-side bookkeeping
     stats: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from duoserve.engine.context import StepContext, step_context
-from duoserve.engine.cuda_graphs import GraphedDecode
+from duoserve.engine.cuda_graphs import GraphedDecode, SegmentedDecode
 from duoserve.engine.kv_cache import KVCache
 from duoserve.engine.scheduler import ScheduledBatch
 from duoserve.layers.sampler import sample
@@ -20,12 +20,17 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self.last_stats: dict[str, float] = {}
-        self.graphs: GraphedDecode | None = None
+        self.graphs: GraphedDecode | SegmentedDecode | None = None
 
     def enable_cuda_graphs(self, enabled: bool) -> None:
-        """Use captured decode graphs when the expert backend allows (see cuda_graphs.py)."""
-        use = enabled and GraphedDecode.supported(self.model, self.device)
-        self.graphs = GraphedDecode(self.model, self.kv, self.device) if use else None
+        """Use captured decode graphs when the expert backend allows (see cuda_graphs.py):
+        one per step without host syncs, else segments between the routing syncs."""
+        self.graphs = None
+        if enabled:
+            for kind in (GraphedDecode, SegmentedDecode):
+                if kind.supported(self.model, self.device):
+                    self.graphs = kind(self.model, self.kv, self.device)
+                    break
 
     def _context(self, phase: str, slots: list[int], starts: list[int], counts: list[int]):
         positions = [s + i for s, n in zip(starts, counts) for i in range(n)]
@@ -58,8 +63,9 @@ class ModelRunner:
         for slot, s, n in zip(slots, starts, counts):
             assert s + n <= self.kv.max_len, f"slot {slot}: {s + n} tokens exceed the KV cache"
         if self.graphs is not None and phase == "decode" and not all_logits:
-            self.last_stats = {}
-            return self.graphs.run([t[0] for t in token_ids], slots, starts)
+            logits = self.graphs.run([t[0] for t in token_ids], slots, starts)
+            self.last_stats = getattr(self.graphs, "last_stats", {})
+            return logits
         ctx = self._context(phase, slots, starts, counts)
         input_ids = torch.tensor(
             [t for ts in token_ids for t in ts], dtype=torch.long, device=self.device

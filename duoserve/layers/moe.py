@@ -8,6 +8,7 @@ which a backend computes experts never changes the result.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,7 +39,16 @@ class RoutingPlan:
     token_counts: list[int] | None = None  # assignments per used expert
     extra_dev: torch.Tensor | None = None  # a backend's [n] int64 tensor to ride the sync
     extra_host: list[int] | None = None  # ... and its values after the sync
+    extra_info: object = None  # the backend's host-side note on extra_dev (set with it)
+    sync_dev: torch.Tensor | None = None  # [E (+ n)] what the sync brings: counts (+ extra)
     rows_are_flat: bool = False  # set by a backend that filled out_rows in (token, choice) order
+
+    def fresh(self) -> RoutingPlan:
+        """The same device tensors without host results: a captured decode graph rewrites
+        these tensors at each replay, whose plan starts again from here."""
+        return dataclasses.replace(
+            self, expert_ids=None, token_counts=None, extra_host=None, rows_are_flat=False
+        )
 
     @cached_property
     def order_dev(self) -> torch.Tensor:
@@ -96,14 +106,19 @@ def count_groups(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
     return counts.scatter_add_(0, group_ids, ones)
 
 
-def sync_routed_experts(plan: RoutingPlan) -> None:
-    """THE per-layer host sync: bring the routed expert counts (and a backend's `extra_dev`,
-    concatenated: still one transfer) to the host, timed."""
-    t0 = time.perf_counter()
-    both = (
+def prepare_sync(plan: RoutingPlan) -> None:
+    """Set plan.sync_dev: the counts, with a backend's `extra_dev` concatenated (one transfer)."""
+    plan.sync_dev = (
         plan.counts_dev if plan.extra_dev is None else torch.cat([plan.counts_dev, plan.extra_dev])
     )
-    values = both.tolist()  # NOTE: the one host sync of a MoE layer
+
+
+def sync_routed_experts(plan: RoutingPlan) -> None:
+    """THE per-layer host sync: bring plan.sync_dev (prepare_sync) to the host, timed."""
+    t0 = time.perf_counter()
+    if plan.sync_dev is None:
+        prepare_sync(plan)
+    values = plan.sync_dev.tolist()  # NOTE: the one host sync of a MoE layer
     stats = get_step_context().stats
     stats["routing_sync_s"] = stats.get("routing_sync_s", 0.0) + time.perf_counter() - t0
     stats["routing_syncs"] = stats.get("routing_syncs", 0) + 1
@@ -236,6 +251,13 @@ class MoEBlock(nn.Module):
         return topk_ids, topk_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.run_experts(self.begin(x)))
+
+    # The three stages of forward. Segmented decode graphs (engine/cuda_graphs.py) capture
+    # `begin` and `finish` and run `run_experts`, which waits for the routing, eagerly.
+
+    def begin(self, x: torch.Tensor) -> MoEPoint:
+        """Route x [T, H] and prepare the routing sync (device work only, no host sync)."""
         # T tokens, K top-k, H hidden
         assert self.backend is not None, "MoE block has no expert backend: load the model first"
         T, H = x.shape
@@ -248,16 +270,39 @@ class MoEBlock(nn.Module):
             before_sync = getattr(backend, "before_sync", None)
             if before_sync is not None:
                 plan.extra_dev = before_sync(self.layer_id, x, topk_ids, plan)
-            sync_routed_experts(plan)
+            prepare_sync(plan)
         rows = torch.empty(T * self.top_k, H, dtype=x.dtype, device=x.device)
-        backend.compute(x, plan, rows)
-        if not plan.rows_are_flat:
-            flat_rows = torch.empty_like(rows)
-            flat_rows[plan.order_dev] = rows  # back to [T*K] in (token, choice) order
-            rows = flat_rows
-        out = (rows.view(T, self.top_k, H).float() * topk_weights[:, :, None].float()).sum(1)
-        out = out.to(x.dtype)
+        return MoEPoint(x, plan, topk_weights, rows)
+
+    def run_experts(self, point: MoEPoint, plan: RoutingPlan | None = None) -> MoEPoint:
+        """Sync the routing (when the backend needs it) and compute the routed experts into
+        point.rows, in (token, choice) order. `plan`: a fresh copy of point.plan (replays)."""
+        plan = plan or point.plan
+        if self.backend.needs_host_plan:
+            sync_routed_experts(plan)
+        rows = point.rows
+        self.backend.compute(point.x, plan, rows)
+        if not plan.rows_are_flat:  # back to (token, choice) order, in place
+            rows[plan.order_dev] = rows.clone()
+        return point
+
+    def finish(self, point: MoEPoint) -> torch.Tensor:
+        """Combine the rows with the routing weights (+ the shared expert)."""
+        x, rows = point.x, point.rows
+        T, H = x.shape
+        out = rows.view(T, self.top_k, H).float() * point.topk_weights[:, :, None].float()
+        out = out.sum(1).to(x.dtype)
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate(x))
             out = out + gate * self.shared_expert(x)
         return out
+
+
+@dataclass
+class MoEPoint:
+    """One MoE layer between `begin` and `finish`: its input, routing and output rows."""
+
+    x: torch.Tensor  # [T, H] MoE input
+    plan: RoutingPlan
+    topk_weights: torch.Tensor  # [T, K]
+    rows: torch.Tensor  # [T*K, H] expert outputs, (token, choice) order once computed

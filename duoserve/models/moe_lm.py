@@ -14,7 +14,7 @@ from torch import nn
 from duoserve.config import ModelConfig
 from duoserve.engine.kv_cache import KVCache
 from duoserve.layers.attention import Attention
-from duoserve.layers.moe import DenseMLP, MoEBlock
+from duoserve.layers.moe import DenseMLP, MoEBlock, MoEPoint
 from duoserve.layers.norm import RMSNorm
 from duoserve.layers.rotary import inv_frequencies, rope_cos_sin
 
@@ -66,8 +66,28 @@ class MoELM(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [T, D]
         for layer in self.layers:
             x = layer(x, cos, sin, kv)
+        return self.logits(x, logits_rows)
+
+    def logits(self, x: torch.Tensor, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         if logits_rows is not None:
             x = x[logits_rows]
         x = self.norm(x)
         head = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         return torch.nn.functional.linear(x, head).float()
+
+    def segments(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache):
+        """forward in segments that end at each MoE layer's routing sync: a generator that
+        yields (block, MoEPoint) after each MoE block's `begin` (the caller runs
+        `block.run_experts(point)` before resuming) and finally (None, logits [T, V])."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, kv)
+            h = layer.post_attention_layernorm(x)
+            if isinstance(layer.mlp, MoEBlock):
+                point: MoEPoint = layer.mlp.begin(h)
+                yield layer.mlp, point
+                x = x + layer.mlp.finish(point)
+            else:
+                x = x + layer.mlp(h)
+        yield None, self.logits(x)

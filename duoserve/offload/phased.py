@@ -39,6 +39,16 @@ class PhasedExperts:
             out = extra if backend is active else out
         return out
 
+    def graph_version(self) -> tuple:
+        return tuple(getattr(b, "graph_version", lambda: 0)() for b in (self.prefill, self.decode))
+
+    def begin_step(self, ctx) -> None:
+        """Forwarded to each schedule that keeps per-pass host state (segmented graphs)."""
+        for backend in (self.prefill, self.decode):
+            begin = getattr(backend, "begin_step", None)
+            if begin is not None:
+                begin(ctx)
+
     def stats(self) -> dict[str, float]:
         """The decode backend's counters (shared cache and transfer: totals of both phases),
         plus the prefill schedule's own counters prefixed `prefill_`."""

@@ -54,7 +54,7 @@ class PrefetchingExperts(CachedExperts):
         super().__init__(cfg, store, cache.num_slots, "lru", device, cache=cache, transfer=transfer)
         self.name = f"prefetch:{predictor}"
         self.distance = engine.prefetch_distance
-        self.budget = engine.prefetch_budget or 2 * cfg.num_experts_per_tok
+        self.budget = engine.prefetch_budget or cfg.num_experts_per_tok
         self.budget = min(self.budget, cfg.num_experts)
         self.phases = ("prefill", "decode")  # the runtime narrows this when paired
         num_kv_slots = engine.max_num_seqs + 1  # + the CUDA-graph scratch slot
@@ -66,7 +66,6 @@ class PrefetchingExperts(CachedExperts):
             predictor, cfg, engine, self.blocks, self.state, distances, device, num_kv_slots
         )
         self.protected_by_layer: dict[int, set] = {}
-        self._asked: tuple[int, tuple[int, ...], int, bool] | None = None
         self.counters = dict(predict_calls=0, predict_host_s=0.0, decode_steps=0)
         self.cuda_times: list = []  # (start, end) events around predictor calls
         self.predict_device_s = 0.0
@@ -76,23 +75,37 @@ class PrefetchingExperts(CachedExperts):
 
     # ---------------------------------------------------------------- device side
 
-    def before_sync(self, layer_id: int, x: torch.Tensor, topk_ids: torch.Tensor, plan):
-        """Record the routing; predict layers l+1..l+d; the [n] int64 ids for the sync."""
-        ctx = get_step_context()
-        if self.state.begin(ctx):  # a new forward pass
-            self.clear_protection()
+    def graph_version(self) -> int:
+        """Changes when captured decode graphs must be captured again (a new trace-match
+        library: new tensors)."""
+        return getattr(self.predictor, "version", 0)
+
+    def begin_step(self, ctx) -> None:
+        """Host-side start of a forward pass: protections of the last one end. Called by
+        before_sync on a new context, and by segmented decode graphs at each replay."""
+        self.state.begin(ctx)
+        self.clear_protection()
+        if not ctx.capturing:
             self.predictor.begin(ctx)
             self.counters["decode_steps"] += ctx.phase == "decode"
+
+    def before_sync(self, layer_id: int, x: torch.Tensor, topk_ids: torch.Tensor, plan):
+        """Record the routing; predict layers l+1..l+d; the [n] int64 ids for the sync (their
+        meaning, for after_misses_issued, in plan.extra_info). Device work only, apart from
+        the first call of a pass (begin_step): capturable in a decode graph."""
+        ctx = get_step_context()
+        if ctx is not self.state.ctx:  # a new forward pass
+            self.begin_step(ctx)
         li = self.moe_index[layer_id]
         self.state.observe(li, topk_ids)
         self.predictor.observe(li, topk_ids)
-        self._asked = None
         L = self.cfg.num_moe_layers
         distances = tuple(d for d in range(1, self.distance + 1) if li + d < L)
         if ctx.phase not in self.phases or not distances:
             return None
+        timed = not ctx.capturing  # a captured call costs the host nothing at replay
         t0 = time.perf_counter()
-        events = self._start_event()
+        events = self._start_event() if timed else None
         preds = [self.predictor.predict(li, d, x, self.budget) for d in distances]
         out = None
         if all(p is not None for p in preds):
@@ -104,10 +117,10 @@ class PrefetchingExperts(CachedExperts):
                 counts = torch.zeros(len(distances), E, dtype=torch.long, device=ids.device)
                 ids = counts.scatter_add_(1, ids.flatten(1), torch.ones_like(ids.flatten(1)))
             out = ids.flatten()
-            self._asked = (li, distances, R, votes)
-        self._end_event(events)
-        self.counters["predict_calls"] += 1
-        self.counters["predict_host_s"] += time.perf_counter() - t0
+            plan.extra_info = (li, distances, R, votes)
+        if timed:
+            self._end_event(events)
+            self.counters["predict_host_s"] += time.perf_counter() - t0
         return out
 
     def _start_event(self):
@@ -137,10 +150,10 @@ class PrefetchingExperts(CachedExperts):
 
     def after_misses_issued(self, x: torch.Tensor, plan: RoutingPlan) -> None:
         """Protect and prefetch the predicted experts of layers l+1..l+d (module docstring)."""
-        if self._asked is None or plan.extra_host is None:
+        if plan.extra_info is None or plan.extra_host is None:
             return
-        li, distances, R, votes = self._asked
-        self._asked = None
+        li, distances, R, votes = plan.extra_info
+        self.counters["predict_calls"] += 1
         per_d = len(plan.extra_host) // len(distances)
         cache, max_group = self.cache, min(R * self.cfg.num_experts_per_tok, self.cfg.num_experts)
         room = cache.num_slots - max_group - len(cache.protected)

@@ -159,6 +159,7 @@ class TraceMatch(OnlinePredictor):
         self.slot_used = [False] * num_kv_slots
         self.online = True  # add finished requests to the library
         self.one = torch.ones(1, device=device)
+        self.version = 0  # bumped with each new library: captured decode graphs are stale then
 
     def set_library(self, matrices: torch.Tensor, online: bool = False) -> None:
         """Use `matrices` [C, L, E] (activation counts of whole requests) as the library."""
@@ -166,6 +167,7 @@ class TraceMatch(OnlinePredictor):
         self.library = m
         self.unit = m.flatten(1) / m.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-6)
         self.online = online
+        self.version += 1
 
     def begin(self, ctx: StepContext) -> None:
         if ctx.phase != "prefill":
