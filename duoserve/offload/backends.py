@@ -93,9 +93,13 @@ class CachedExperts:
             self.access_log.append((layer_id, tuple(expert_ids)))
         slots = self.cache.acquire_group(layer_id, expert_ids)
         copy_in, cache_slots, store = self.transfer.copy_in, self.cache.slots, self.store
+        flush_each = not self.grouped  # one expert at a time: each computes as it lands
         for s in slots:  # issue every miss before any compute
             if not s.is_hit:
                 copy_in(s.slot, store.expert(*s.key), cache_slots[s.slot])
+                if flush_each:
+                    self.transfer.flush()
+        self.transfer.flush()
         if last:
             self.after_misses_issued(x, plan)
         ready_events = self.transfer.ready_events

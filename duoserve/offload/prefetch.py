@@ -149,9 +149,16 @@ class PrefetchingExperts(CachedExperts):
         super()._compute_wave(x, plan, js, out_rows, first, last)
 
     def after_misses_issued(self, x: torch.Tensor, plan: RoutingPlan) -> None:
-        """Protect and prefetch the predicted experts of layers l+1..l+d (module docstring)."""
+        """Protect and prefetch the predicted experts of layers l+1..l+d (module docstring),
+        issued as one batch of copies."""
         if plan.extra_info is None or plan.extra_host is None:
             return
+        try:
+            self._prefetch(plan)
+        finally:
+            self.transfer.flush()
+
+    def _prefetch(self, plan: RoutingPlan) -> None:
         li, distances, R, votes = plan.extra_info
         self.counters["predict_calls"] += 1
         per_d = len(plan.extra_host) // len(distances)

@@ -5,6 +5,11 @@ Ordering, on CUDA:
   stream after the last compute that read s, so a slot is never overwritten while read;
 - compute that reads s waits (on the compute stream) for `ready_event[s]`, recorded on the
   copy stream after the copy; the host never waits.
+Copies are issued in batches: `copy_in` queues, `flush` issues the queued copies under one
+stream switch and records one ready event (and one timing pair) for all of them; a wait
+flushes first. CUDA events and stream switches cost the host tens of microseconds each, and
+a decode step issues hundreds of copies: callers flush once per batch (a layer's misses, its
+prefetches), or after each copy where compute should start as each one lands.
 Copy time and compute stall time are measured with CUDA events and resolved lazily.
 On the CPU every copy is synchronous and the same code runs without events.
 """
@@ -28,6 +33,9 @@ class TransferStats:
     pending_wait: list = field(default_factory=list)
 
 
+QUEUED = object()  # ready_events[s] of a copy queued but not yet issued (see flush)
+
+
 class TransferEngine:
     """Moves packed experts host -> device slots on a dedicated copy stream."""
 
@@ -39,27 +47,44 @@ class TransferEngine:
         self.done_events: list = [None] * num_slots
         self.timed = timed and self.is_cuda
         self.stats = TransferStats()
+        self._queued: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (slot, src, dst)
 
     def _event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing)
 
     def copy_in(self, slot: int, src_host: torch.Tensor, dst: torch.Tensor) -> None:
-        """Start copying `src_host` into slot `slot` (view `dst`); returns at once on CUDA."""
+        """Queue a copy of `src_host` into slot `slot` (view `dst`); `flush` issues it (on the
+        CPU it is done when this returns)."""
         self.stats.num_copies += 1
         self.stats.bytes_copied += src_host.numel() * src_host.element_size()
         if not self.is_cuda:
             dst.copy_(src_host)
             return
+        self._queued.append((slot, src_host, dst))
+        self.ready_events[slot] = QUEUED
+
+    def flush(self) -> None:
+        """Issue the queued copies on the copy stream after the done events of their slots;
+        one ready event for all of them. Returns at once."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
         with torch.cuda.stream(self.copy_stream):
-            if self.done_events[slot] is not None:
-                self.copy_stream.wait_event(self.done_events[slot])
+            waited: set[int] = set()
+            for slot, _, _ in queued:
+                done = self.done_events[slot]
+                if done is not None and id(done) not in waited:
+                    waited.add(id(done))
+                    self.copy_stream.wait_event(done)
             start = self._event(True) if self.timed else None
             if start is not None:
                 start.record(self.copy_stream)
-            dst.copy_(src_host, non_blocking=True)
+            for _, src, dst in queued:
+                dst.copy_(src, non_blocking=True)
             ready = self._event(self.timed)
             ready.record(self.copy_stream)
-        self.ready_events[slot] = ready
+        for slot, _, _ in queued:
+            self.ready_events[slot] = ready
         if start is not None:
             self.stats.pending_copy.append((start, ready))
 
@@ -82,6 +107,8 @@ class TransferEngine:
 
     def wait_ready(self, slot: int) -> None:
         """Make the compute stream wait until slot `slot` has landed (no host wait)."""
+        if self.ready_events[slot] is QUEUED:
+            self.flush()
         ready = self.ready_events[slot]
         if not self.is_cuda or ready is None:
             return
@@ -98,7 +125,9 @@ class TransferEngine:
 
     def wait_ready_slots(self, slots: list[int]) -> None:
         """wait_ready for several slots, timed as one stall (one event pair for all of them)."""
-        ready = [self.ready_events[s] for s in slots if self.ready_events[s] is not None]
+        if any(self.ready_events[s] is QUEUED for s in slots):
+            self.flush()
+        ready = list({id(e): e for s in slots if (e := self.ready_events[s]) is not None}.values())
         for s in slots:
             self.ready_events[s] = None
         if not self.is_cuda or not ready:
