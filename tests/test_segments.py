@@ -115,3 +115,25 @@ def test_segment_graph_logits_close_to_eager(hf_checkpoints):
     print(f"segment graphs vs eager decode logits: max diff {diff:.4g}, scale {scale:.4g}")
     assert torch.equal(graphed, graphed_again)  # a replay is deterministic
     assert diff <= 2e-2 * scale
+
+
+def test_split_decode_over_several_pool_windows(hf_checkpoints, monkeypatch):
+    """A cache of more slots than one grouped GEMM takes: the split decode stage runs one
+    pass per window of slots and keeps each row from its own window."""
+    from duoserve.offload import backends
+
+    path, _ = hf_checkpoints["qwen3_moe"]
+    kw = dict(device="cpu", max_model_len=64, max_num_seqs=3)
+    resident = LLM(str(path), **kw)
+    want = [o.output_token_ids for o in resident.generate(PROMPTS, GREEDY)]
+    llm = LLM(str(path), policy="lru", gpu_memory_budget=budget_for_slots(resident, 14), **kw)
+    monkeypatch.setattr(backends, "MAX_GROUPS", 4)  # 14 slots: windows of 4, 4, 4, 2
+    calls = []
+    device_compute = backends.CachedExperts.device_compute
+    monkeypatch.setattr(
+        backends.CachedExperts,
+        "device_compute",
+        lambda self, *a: calls.append(1) or device_compute(self, *a),
+    )
+    assert [o.output_token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    assert calls, "decode never ran the split stage"

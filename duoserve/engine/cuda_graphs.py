@@ -193,9 +193,15 @@ class SegmentedDecode:
                 begin = getattr(backend, "begin_step", None)
                 if begin is not None:
                     begin(ctx)
+            done = None  # the MoE layer whose device stage the graph just replayed ran
             for graph, (block, point) in zip(seg.graphs, seg.points):
                 graph.replay()
+                if done is not None:
+                    done[0].after_experts(done[1])
                 block.run_experts(point, point.plan.fresh())
+                done = (block, point)
             seg.graphs[-1].replay()
+            if done is not None:
+                done[0].after_experts(done[1])
         self.last_stats = ctx.stats
         return seg.logits

@@ -42,12 +42,18 @@ class RoutingPlan:
     extra_info: object = None  # the backend's host-side note on extra_dev (set with it)
     sync_dev: torch.Tensor | None = None  # [E (+ n)] what the sync brings: counts (+ extra)
     rows_are_flat: bool = False  # set by a backend that filled out_rows in (token, choice) order
+    acquired: list | None = None  # a split backend's cache slots, from prepare to after_compute
 
     def fresh(self) -> RoutingPlan:
         """The same device tensors without host results: a captured decode graph rewrites
         these tensors at each replay, whose plan starts again from here."""
         return dataclasses.replace(
-            self, expert_ids=None, token_counts=None, extra_host=None, rows_are_flat=False
+            self,
+            expert_ids=None,
+            token_counts=None,
+            extra_host=None,
+            rows_are_flat=False,
+            acquired=None,
         )
 
     @cached_property
@@ -251,10 +257,15 @@ class MoEBlock(nn.Module):
         return topk_ids, topk_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.run_experts(self.begin(x)))
+        point = self.run_experts(self.begin(x))
+        out = self.finish(point)
+        self.after_experts(point)
+        return out
 
-    # The three stages of forward. Segmented decode graphs (engine/cuda_graphs.py) capture
-    # `begin` and `finish` and run `run_experts`, which waits for the routing, eagerly.
+    # The stages of forward. Segmented decode graphs (engine/cuda_graphs.py) capture `begin`
+    # and `finish` and run `run_experts` (which waits for the routing) and `after_experts`
+    # eagerly. A backend that `splits` a layer (offload/backends.py) does its host work in
+    # run_experts and its device work in finish, where a graph captures it.
 
     def begin(self, x: torch.Tensor) -> MoEPoint:
         """Route x [T, H] and prepare the routing sync (device work only, no host sync)."""
@@ -272,14 +283,19 @@ class MoEBlock(nn.Module):
                 plan.extra_dev = before_sync(self.layer_id, x, topk_ids, plan)
             prepare_sync(plan)
         rows = torch.empty(T * self.top_k, H, dtype=x.dtype, device=x.device)
-        return MoEPoint(x, plan, topk_weights, rows)
+        split = getattr(backend, "splits", None)
+        return MoEPoint(x, plan, topk_weights, rows, split is not None and split(T))
 
     def run_experts(self, point: MoEPoint, plan: RoutingPlan | None = None) -> MoEPoint:
         """Sync the routing (when the backend needs it) and compute the routed experts into
-        point.rows, in (token, choice) order. `plan`: a fresh copy of point.plan (replays)."""
-        plan = plan or point.plan
+        point.rows, in (token, choice) order, or only prepare them (split backends).
+        `plan`: a fresh copy of point.plan (graph replays)."""
+        plan = point.host_plan = plan or point.plan
         if self.backend.needs_host_plan:
             sync_routed_experts(plan)
+        if point.split:
+            self.backend.prepare(point.x, plan)
+            return point
         rows = point.rows
         self.backend.compute(point.x, plan, rows)
         if not plan.rows_are_flat:  # back to (token, choice) order, in place
@@ -287,8 +303,11 @@ class MoEBlock(nn.Module):
         return point
 
     def finish(self, point: MoEPoint) -> torch.Tensor:
-        """Combine the rows with the routing weights (+ the shared expert)."""
+        """(A split backend's device stage, then) combine the rows with the routing weights
+        (+ the shared expert)."""
         x, rows = point.x, point.rows
+        if point.split:
+            self.backend.device_compute(x, point.plan, rows)
         T, H = x.shape
         out = rows.view(T, self.top_k, H).float() * point.topk_weights[:, :, None].float()
         out = out.sum(1).to(x.dtype)
@@ -296,6 +315,11 @@ class MoEBlock(nn.Module):
             gate = torch.sigmoid(self.shared_expert_gate(x))
             out = out + gate * self.shared_expert(x)
         return out
+
+    def after_experts(self, point: MoEPoint) -> None:
+        """Once finish was issued: a split backend's last host stage."""
+        if point.split:
+            self.backend.after_compute(point.host_plan)
 
 
 @dataclass
@@ -306,3 +330,5 @@ class MoEPoint:
     plan: RoutingPlan
     topk_weights: torch.Tensor  # [T, K]
     rows: torch.Tensor  # [T*K, H] expert outputs, (token, choice) order once computed
+    split: bool = False  # the backend splits this layer (prepare / device_compute / after)
+    host_plan: RoutingPlan | None = None  # the plan run_experts synced (point.plan or a copy)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from duoserve.config import ModelConfig
+from duoserve.engine.context import get_step_context
 from duoserve.engine.kv_cache import KVCache
 from duoserve.layers.attention import Attention
 from duoserve.layers.moe import DenseMLP, MoEBlock, MoEPoint
@@ -78,7 +79,9 @@ class MoELM(nn.Module):
     def segments(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache):
         """forward in segments that end at each MoE layer's routing sync: a generator that
         yields (block, MoEPoint) after each MoE block's `begin` (the caller runs
-        `block.run_experts(point)` before resuming) and finally (None, logits [T, V])."""
+        `block.run_experts(point)` before resuming; while capturing, also
+        `block.after_experts(point)` once the next segment ran) and finally
+        (None, logits [T, V])."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
@@ -88,6 +91,8 @@ class MoELM(nn.Module):
                 point: MoEPoint = layer.mlp.begin(h)
                 yield layer.mlp, point
                 x = x + layer.mlp.finish(point)
+                if not get_step_context().capturing:  # else the graph's driver calls it
+                    layer.mlp.after_experts(point)
             else:
                 x = x + layer.mlp(h)
         yield None, self.logits(x)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from duoserve.config import ModelConfig
+from duoserve.engine.context import get_step_context
 from duoserve.layers.moe import (
     MAX_GROUPS,
     RoutingPlan,
@@ -73,7 +74,92 @@ class CachedExperts:
 
     needs_host_plan = True  # misses must be known on the host to be copied
 
+    # ------------------------------------------------------------ split decode compute
+    # A decode layer (all of its experts fit the cache) runs in three stages: `prepare` on
+    # the host after the routing sync (acquire, issue copies and prefetches, make compute wait
+    # for the pending ones, write the slot of each expert), `device_compute` (device work only,
+    # fixed shapes: captured in a segment decode graph, engine/cuda_graphs.py), then
+    # `after_compute` once it was issued (done events, unpin). One grouped GEMM pass over the
+    # whole slot pool: at decode sizes, computing hits while misses land saves less device time
+    # than a second pass costs the host.
+
+    def splits(self, num_tokens: int) -> bool:
+        """Whether a decode layer of `num_tokens` rows runs split (static per batch size)."""
+        phase_ok = get_step_context().phase == "decode"
+        fits = num_tokens * self.cfg.num_experts_per_tok <= self.cache.num_slots
+        return self.grouped and phase_ok and fits
+
+    def prepare(self, x: torch.Tensor, plan: RoutingPlan) -> None:
+        """Host stage of a split layer (see above); the acquired slots go in plan.acquired."""
+        self.on_access(plan, range(len(plan.expert_ids)))
+        slots = self.cache.acquire_group(plan.layer_id, plan.expert_ids)
+        self._issue_misses(slots)
+        self.after_misses_issued(x, plan)
+        ready = self.transfer.ready_events
+        self.transfer.wait_ready_slots([s.slot for s in slots if ready[s.slot] is not None])
+        li = self.moe_index[plan.layer_id]
+        row = self.keys_np[li]
+        for s in slots:
+            row[s.key[1]] = s.slot
+        if self.keys_dev is not None:
+            self.keys_dev[li].copy_(self.keys_host[li], non_blocking=True)
+        plan.acquired = slots
+
+    def device_compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
+        """Device stage: out_rows [T*K, H] in (token, choice) order from the slot pool, the
+        slot of each expert read from the device key row that `prepare` wrote."""
+        li, S = self.moe_index[plan.layer_id], self.cache.num_slots
+        keys = self.keys_dev[li] if self.keys_dev is not None else self.keys_host[li]
+        key_sorted, order = torch.sort(keys[plan.flat_ids_dev], stable=True)  # [n]
+        x_sorted = x[order // plan.top_k]  # [n, H]
+        out = None
+        for base in range(0, S, MAX_GROUPS):  # torch's grouped GEMM takes <= MAX_GROUPS
+            G = min(MAX_GROUPS, S - base)
+            offs = torch.searchsorted(
+                key_sorted - base, self.group_index[:G], right=True, out_int32=True
+            )  # [G] end row of each group; rows of other windows are masked below
+            gate_up, down = (v[base : base + G] for v in self.pool_views)
+            part = grouped_mlp_views(x_sorted, gate_up, down, offs, self.cfg.moe_intermediate_size)
+            if out is None and G == S:
+                out = part
+            else:
+                inside = ((key_sorted >= base) & (key_sorted < base + G))[:, None]
+                out = torch.where(inside, part, out if out is not None else torch.zeros_like(part))
+        out_rows[order] = out
+
+    def after_compute(self, plan: RoutingPlan) -> None:
+        """After the device stage was issued: the slots' done event, unpin."""
+        slots = plan.acquired
+        self.transfer.mark_read_slots([s.slot for s in slots])
+        self.cache.release(slots)
+        if len(self.transfer.stats.pending_wait) > MAX_PENDING_EVENTS:
+            self.transfer.resolve()
+
+    # ------------------------------------------------------------ eager compute
+
+    def on_access(self, plan: RoutingPlan, js: range) -> None:
+        """Called before experts js of plan are acquired (the prefetching schedule ends the
+        layer's protections and logs here)."""
+        if self.access_log is not None:
+            self.access_log.append((plan.layer_id, tuple(plan.expert_ids[js.start : js.stop])))
+
+    def _issue_misses(self, slots) -> None:
+        copy_in, cache_slots, store = self.transfer.copy_in, self.cache.slots, self.store
+        flush_each = not self.grouped  # one expert at a time: each computes as it lands
+        for s in slots:  # issue every miss before any compute
+            if not s.is_hit:
+                copy_in(s.slot, store.expert(*s.key), cache_slots[s.slot])
+                if flush_each:
+                    self.transfer.flush()
+        self.transfer.flush()
+
     def compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
+        if self.splits(x.shape[0]):
+            self.prepare(x, plan)
+            self.device_compute(x, plan, out_rows)
+            plan.rows_are_flat = True
+            self.after_compute(plan)
+            return
         wave, n = self.cache.num_slots, len(plan.expert_ids)
         plan.rows_are_flat = self.grouped  # grouped: rows written in (token, choice) order
         for lo in range(0, max(n, 1), wave):
@@ -89,17 +175,10 @@ class CachedExperts:
     def _compute_wave(self, x, plan: RoutingPlan, js: range, out_rows, first, last) -> None:
         layer_id = plan.layer_id
         expert_ids = plan.expert_ids[js.start : js.stop]
-        if self.access_log is not None:
-            self.access_log.append((layer_id, tuple(expert_ids)))
+        self.on_access(plan, js)
         slots = self.cache.acquire_group(layer_id, expert_ids)
-        copy_in, cache_slots, store = self.transfer.copy_in, self.cache.slots, self.store
-        flush_each = not self.grouped  # one expert at a time: each computes as it lands
-        for s in slots:  # issue every miss before any compute
-            if not s.is_hit:
-                copy_in(s.slot, store.expert(*s.key), cache_slots[s.slot])
-                if flush_each:
-                    self.transfer.flush()
-        self.transfer.flush()
+        self._issue_misses(slots)
+        cache_slots = self.cache.slots
         if last:
             self.after_misses_issued(x, plan)
         ready_events = self.transfer.ready_events

@@ -42,6 +42,22 @@ class PhasedExperts:
     def graph_version(self) -> tuple:
         return tuple(getattr(b, "graph_version", lambda: 0)() for b in (self.prefill, self.decode))
 
+    def _active(self):
+        return self.prefill if get_step_context().phase == "prefill" else self.decode
+
+    def splits(self, num_tokens: int) -> bool:
+        split = getattr(self._active(), "splits", None)
+        return split is not None and split(num_tokens)
+
+    def prepare(self, x: torch.Tensor, plan: RoutingPlan) -> None:
+        self._active().prepare(x, plan)
+
+    def device_compute(self, x: torch.Tensor, plan: RoutingPlan, out_rows: torch.Tensor) -> None:
+        self._active().device_compute(x, plan, out_rows)
+
+    def after_compute(self, plan: RoutingPlan) -> None:
+        self._active().after_compute(plan)
+
     def begin_step(self, ctx) -> None:
         """Forwarded to each schedule that keeps per-pass host state (segmented graphs)."""
         for backend in (self.prefill, self.decode):

@@ -138,15 +138,15 @@ class PrefetchingExperts(CachedExperts):
 
     # ---------------------------------------------------------------- host side
 
-    def _compute_wave(self, x, plan: RoutingPlan, js, out_rows, first, last) -> None:
-        if first:  # this layer's protection ends: its routed keys are pinned by the acquire
+    def on_access(self, plan: RoutingPlan, js: range) -> None:
+        if js.start == 0:  # this layer's protection ends: its routed keys are pinned by the acquire
             for key in self.protected_by_layer.pop(plan.layer_id, ()):
                 self.cache.protected.discard(key)
         if self.event_log is not None:
             ids = tuple(plan.expert_ids[js.start : js.stop])
             self.event_log.append(("access", plan.layer_id, ids, frozenset(self.cache.protected)))
             self._wave_keys = tuple((plan.layer_id, e) for e in ids)
-        super()._compute_wave(x, plan, js, out_rows, first, last)
+        super().on_access(plan, js)
 
     def after_misses_issued(self, x: torch.Tensor, plan: RoutingPlan) -> None:
         """Protect and prefetch the predicted experts of layers l+1..l+d (module docstring),
