@@ -27,7 +27,7 @@ GiB = 2**30
 # the nominal pinned-link bandwidth, at least RING_MIN_SLOTS (double buffering), at most the
 # experts of one layer, and never more than RING_MAX_FRACTION of what is left for expert slots
 # (the decode cache keeps most of the budget). --prefill-ring-slots overrides.
-RING_COVER_S = 2e-3
+RING_COVER_S = 4e-3
 RING_LINK_BYTES_PER_S = 48e9
 RING_MIN_SLOTS = 2
 RING_MAX_FRACTION = 0.25

@@ -266,8 +266,7 @@ class PrefillPipeline:
                 self.counters.wasted_copies += 1
                 self.counters.wasted_bytes += self.store.expert_bytes
         if used or self.poison:  # the batch's GEMM views (or poison writes) cover every slot
-            for entry in batch:
-                self.transfer.wait_event(entry.ready, also=self.link)
+            self.transfer.wait_events([entry.ready for entry in batch], also=self.link)
         t0 = self._mark() if self.timeline is not None and used else None
         inter, S = self.cfg.moe_intermediate_size, self.cache.num_slots
         if used and self.grouped:
@@ -305,19 +304,29 @@ class PrefillPipeline:
     # ------------------------------------------------------------------ copies
 
     def _issue(self, layer_id: int, pending: deque, speculative: bool) -> None:
-        """Copy pending (position, expert) pairs into ring slots while one is free."""
+        """Copy pending (position, expert) pairs into ring slots while one is free (one batch
+        of copies: one stream switch; each copy timed apart only for the timeline)."""
         R = self.num_ring_slots
-        while pending and (len(self.in_flight) < R or self.unsafe_skip_free):
+        picked = []
+        while pending and (len(self.in_flight) + len(picked) < R or self.unsafe_skip_free):
             position, e = pending.popleft()
             s = self.cursor
             self.cursor = (s + 1) % R
             self.generation[s] += 1
-            t0 = time.perf_counter()  # the CPU's copies are synchronous: timed here
-            src = self.store.expert(layer_id, e)
-            ready = self.transfer.copy_after(src, self.ring[s], self.ring_done[s], also=self.link)
-            if self.timeline is not None and (ready is None or self.transfer.timed):
-                span = (t0, time.perf_counter()) if ready is None else self.link.pending_copy[-1]
+            picked.append((position, e, s))
+        if not picked:
+            return
+        t0 = time.perf_counter()  # the CPU's copies are synchronous: timed here
+        items = [(self.store.expert(layer_id, e), self.ring[s], self.ring_done[s])
+                 for _, e, s in picked]  # fmt: skip
+        timeline = self.timeline is not None
+        readies = self.transfer.copy_after_many(items, also=self.link, time_each=timeline)
+        if timeline and (readies[0] is None or self.transfer.timed):
+            spans = self.link.pending_copy[-len(picked) :]
+            for i, (_, e, _) in enumerate(picked):
+                span = (t0, time.perf_counter()) if readies[0] is None else spans[i]
                 self.timeline.append(("copy", layer_id, e, *span))
+        for (position, e, s), ready in zip(picked, readies):
             entry = RingEntry(layer_id, e, position, s, self.generation[s], ready, speculative)
             self.in_flight.append(entry)
             if self.order_log is not None:

@@ -209,6 +209,55 @@ class TransferEngine:
                     s.pending_copy.append((start, ready))
         return ready
 
+    def copy_after_many(
+        self, items: list, also: TransferStats | None = None, time_each: bool = False
+    ) -> list:
+        """copy_after for several (src_host, dst, after) items under one stream switch; their
+        ready events, in order. Timed as one span (first copy's start to last copy's end,
+        including any wait on a later item's `after`), or each copy apart with `time_each`."""
+        if time_each or not self.is_cuda or not self.timed or len(items) <= 1:
+            return [self.copy_after(src, dst, after, also) for src, dst, after in items]
+        for s in (self.stats, also):
+            if s is not None:
+                s.num_copies += len(items)
+                s.bytes_copied += sum(src.numel() * src.element_size() for src, _, _ in items)
+        out = []
+        with torch.cuda.stream(self.copy_stream):
+            start = None
+            for i, (src, dst, after) in enumerate(items):
+                if after is not None:
+                    self.copy_stream.wait_event(after)
+                if start is None:
+                    start = self._event(True)
+                    start.record(self.copy_stream)
+                dst.copy_(src, non_blocking=True)
+                ready = self._event(i == len(items) - 1)
+                ready.record(self.copy_stream)
+                out.append(ready)
+        for s in (self.stats, also):
+            if s is not None:
+                s.pending_copy.append((start, out[-1]))
+        return out
+
+    def wait_events(self, events: list, also: TransferStats | None = None) -> None:
+        """wait_event for several events, timed as one stall (one event pair)."""
+        events = list({id(e): e for e in events if e is not None}.values())
+        if not self.is_cuda or not events:
+            return
+        if len(events) == 1 or not self.timed:
+            for e in events:
+                self.wait_event(e, also)
+            return
+        stream = torch.cuda.current_stream(self.device)
+        before, after = self._event(True), self._event(True)
+        before.record(stream)
+        for e in events:
+            stream.wait_event(e)
+        after.record(stream)
+        for s in (self.stats, also):
+            if s is not None:
+                s.pending_wait.append((before, after))
+
     def wait_event(self, ready, also: TransferStats | None = None) -> None:
         """Make the compute stream wait for `ready` (no host wait); the stall is timed."""
         if not self.is_cuda or ready is None:
