@@ -8,6 +8,7 @@ Expert placement (resident, cached, streamed) is decided at load time by the exp
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from pathlib import Path
@@ -122,7 +123,10 @@ class LLMEngine:
         self.experts = None
         for block in self.model.moe_blocks():
             block.backend = None
+        if hasattr(self, "runner"):  # captured decode graphs hold the old backend's buffers
+            self.runner.graphs = None
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
         self.config = self.config.replace(policy=policy, gpu_memory_budget=gpu_memory_budget)
         self.memory_plan = plan_for(self.model_config, self.config, self.dtype, self.device)
