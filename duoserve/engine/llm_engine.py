@@ -147,6 +147,10 @@ class LLMEngine:
     def _cap_device_memory(self, plan) -> None:
         """The budget is a promise: the CUDA allocator may not reserve more than it."""
         if self.device.type == "cuda":
+            # engines deleted just before (a model build leaves a reference cycle behind)
+            # still hold their memory until collected: free it before the cap applies
+            gc.collect()
+            torch.cuda.empty_cache()
             total = torch.cuda.get_device_properties(self.device).total_memory
             budget = plan.budget_bytes if plan is not None else total
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
