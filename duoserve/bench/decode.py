@@ -87,14 +87,14 @@ def predictor_graph_ms(engine, backend, batch: int, repeats: int = 20) -> float 
     """Device ms of one decode step's predictor calls (every MoE layer and distance) for
     `batch` rows, captured in one CUDA graph and timed over replays (on the scratch slot)."""
     from duoserve.engine.context import step_context
-    from duoserve.engine.cuda_graphs import _static_context, _static_inputs
+    from duoserve.engine.cuda_graphs import static_context, static_inputs
 
     if engine.device.type != "cuda" or not hasattr(backend, "predictor"):
         return None
     cfg, dev = engine.model_config, engine.device
-    inputs = _static_inputs(engine.kv, batch, dev)
+    inputs = static_inputs(engine.kv, batch, dev)
     inputs[1] = 7  # a position inside every replayed sequence
-    ctx = _static_context(inputs, engine.kv)
+    ctx = static_context(inputs, engine.kv)
     ctx.capturing = True
     x = torch.randn(batch, cfg.hidden_size, device=dev, dtype=engine.dtype)
     L = cfg.num_moe_layers

@@ -36,7 +36,7 @@ def _graph_safe_hooks(model: MoELM) -> bool:
     )
 
 
-def _static_inputs(kv: KVCache, batch: int, device: torch.device) -> torch.Tensor:
+def static_inputs(kv: KVCache, batch: int, device: torch.device) -> torch.Tensor:
     """[4, B] int64 rows: token ids, positions, slots, sequence lengths; for warm-up and
     capture the slots are the scratch slot (their K/V writes stay out of live sequences)."""
     inputs = torch.zeros(4, batch, dtype=torch.long, device=device)
@@ -45,7 +45,7 @@ def _static_inputs(kv: KVCache, batch: int, device: torch.device) -> torch.Tenso
     return inputs
 
 
-def _static_context(inputs: torch.Tensor, kv: KVCache) -> StepContext:
+def static_context(inputs: torch.Tensor, kv: KVCache) -> StepContext:
     B = inputs.shape[1]
     return StepContext(
         phase="decode",
@@ -60,7 +60,7 @@ def _static_context(inputs: torch.Tensor, kv: KVCache) -> StepContext:
     )
 
 
-def _load_inputs(inputs: torch.Tensor, token_ids, slots, starts) -> None:
+def load_inputs(inputs: torch.Tensor, token_ids, slots, starts) -> None:
     values = [token_ids, starts, slots, [s + 1 for s in starts]]
     inputs.copy_(torch.tensor(values, dtype=torch.long), non_blocking=True)
 
@@ -83,8 +83,8 @@ class GraphedDecode:
         )
 
     def _capture(self, B: int) -> None:
-        inputs = _static_inputs(self.kv, B, self.device)
-        ctx = _static_context(inputs, self.kv)
+        inputs = static_inputs(self.kv, B, self.device)
+        ctx = static_context(inputs, self.kv)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), step_context(ctx):  # warm up outside the graph
@@ -102,7 +102,7 @@ class GraphedDecode:
         if B not in self.graphs:
             self._capture(B)
         graph, inputs, logits = self.graphs[B]
-        _load_inputs(inputs, token_ids, slots, starts)
+        load_inputs(inputs, token_ids, slots, starts)
         graph.replay()
         return logits
 
@@ -126,6 +126,8 @@ class SegmentedDecode:
         self.model, self.kv, self.device = model, kv, device
         self.steps: dict[int, _Segments] = {}
         self.pool = None
+        # the blocks' backends, once each (a new policy builds a new SegmentedDecode)
+        self.backends = list({id(b.backend): b.backend for b in model.moe_blocks()}.values())
 
     @staticmethod
     def supported(model: MoELM, device: torch.device) -> bool:
@@ -156,8 +158,8 @@ class SegmentedDecode:
             points.append((block, point))
 
     def _capture(self, B: int) -> _Segments:
-        inputs = _static_inputs(self.kv, B, self.device)
-        ctx = _static_context(inputs, self.kv)
+        inputs = static_inputs(self.kv, B, self.device)
+        ctx = static_context(inputs, self.kv)
         ctx.capturing = True
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -170,12 +172,8 @@ class SegmentedDecode:
         ctx.capturing = False
         return _Segments(inputs, ctx, graphs, points, logits, self._version())
 
-    def _backends(self) -> list:
-        unique = {id(b.backend): b.backend for b in self.model.moe_blocks()}
-        return list(unique.values())
-
     def _version(self) -> tuple:
-        return tuple(getattr(b, "graph_version", lambda: 0)() for b in self._backends())
+        return tuple(getattr(b, "graph_version", lambda: 0)() for b in self.backends)
 
     def run(self, token_ids: list[int], slots: list[int], starts: list[int]) -> torch.Tensor:
         """Logits [B, V] of one decode step (token i at position starts[i] of slot slots[i]);
@@ -185,11 +183,11 @@ class SegmentedDecode:
         if seg is None or seg.version != self._version():
             self.steps.pop(B, None)
             seg = self.steps[B] = self._capture(B)
-        _load_inputs(seg.inputs, token_ids, slots, starts)
+        load_inputs(seg.inputs, token_ids, slots, starts)
         ctx = seg.ctx
         ctx.slot_ids, ctx.start_positions, ctx.stats = list(slots), list(starts), {}
         with step_context(ctx):
-            for backend in self._backends():  # host-side start of a step
+            for backend in self.backends:  # host-side start of a step
                 begin = getattr(backend, "begin_step", None)
                 if begin is not None:
                     begin(ctx)

@@ -124,9 +124,8 @@ class LLMEngine:
         for block in self.model.moe_blocks():
             block.backend = None
         if hasattr(self, "runner"):  # captured decode graphs hold the old backend's buffers
-            self.runner.graphs = None
+            self.runner.graphs = None  # (freed before the cap below: _cap_device_memory)
         if self.device.type == "cuda":
-            gc.collect()
             torch.cuda.empty_cache()
         self.config = self.config.replace(policy=policy, gpu_memory_budget=gpu_memory_budget)
         self.memory_plan = plan_for(self.model_config, self.config, self.dtype, self.device)

@@ -127,21 +127,10 @@ class TransferEngine:
         """wait_ready for several slots, timed as one stall (one event pair for all of them)."""
         if any(self.ready_events[s] is QUEUED for s in slots):
             self.flush()
-        ready = list({id(e): e for s in slots if (e := self.ready_events[s]) is not None}.values())
+        ready = [self.ready_events[s] for s in slots]
         for s in slots:
             self.ready_events[s] = None
-        if not self.is_cuda or not ready:
-            return
-        stream = torch.cuda.current_stream(self.device)
-        before = self._event(True) if self.timed else None
-        if before is not None:
-            before.record(stream)
-        for event in ready:
-            stream.wait_event(event)
-        if before is not None:
-            after = self._event(True)
-            after.record(stream)
-            self.stats.pending_wait.append((before, after))
+        self.wait_events(ready)
 
     def mark_read_slots(self, slots: list[int]) -> None:
         """mark_read for several slots with one event (recorded once, shared)."""
