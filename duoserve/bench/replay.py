@@ -12,7 +12,9 @@ teacher-forced windows: base[s] = s * window) and the replay format (whole seque
 their starts and the recorded gate-lookahead signal: base[s] = the start of sequence
 floor(s * S / slots), slots spread evenly over the S sequences). With the replay format,
 `lookahead_probs(layer_id, d, x)` gives the runtime the trained model's gate-lookahead
-probabilities for the step's tokens, since the random model's routers say nothing.
+probabilities for the step's tokens, since the random model's routers say nothing, and
+`lookahead_topk(layer_id, d, x)` the recorded top-M itself (ids, probs): one gather, no
+dense [T, E] row (the learned predictor's sparse input).
 """
 
 from __future__ import annotations
@@ -38,11 +40,16 @@ class TraceReplay:
         self.num_experts = data.num_experts or int(data.expert_ids.max()) + 1
         self.window = window
         self.seq_start = None if data.seq_start is None else data.seq_start.to(device)
-        # [L, N, D, M] int64 (-1: none) and float32, or None
-        self.lookahead_ids = _to(data.lookahead_ids, device)
-        self.lookahead_probs_table = _to(data.lookahead_probs, device)
+        # [L, N, D, 2M] int32: the recorded top-M ids (-1: none), then their float32
+        # probabilities bit for bit, so one gather fetches both; or None
+        self.lookahead_packed = None
+        if data.lookahead_ids is not None:
+            probs_bits = data.lookahead_probs.float().view(torch.int32)
+            packed = torch.cat([data.lookahead_ids.to(torch.int32), probs_bits], dim=-1)
+            self.lookahead_packed = packed.to(device)
         self.lookahead_distances: tuple[int, ...] = data.distances
         self.base_of_slot = torch.zeros(0, dtype=torch.long, device=device)
+        self._routed_rows: tuple | None = None  # (ctx, layer_id, rows) of the last __call__
 
     def describe(self) -> str:
         ahead = (
@@ -89,10 +96,44 @@ class TraceReplay:
         ctx = get_step_context()
         return (self.base_of_slot[ctx.token_slots_dev] + ctx.positions_dev) % self.num_tokens
 
+    def _rows_at(self, layer_id: int) -> torch.Tensor:
+        """_rows(), reusing those __call__ computed at this layer of this pass."""
+        # NOTE: only __call__ stores them, and each pass (CUDA-graph warm-up and capture
+        # included) routes a layer before predicting from it, in the same graph segment: a
+        # lookahead never reads rows from another pass or another capture.
+        memo = self._routed_rows
+        if memo is not None and memo[0] is get_step_context() and memo[1] == layer_id:
+            return memo[2]
+        return self._rows()
+
     def __call__(self, layer_id: int, x: torch.Tensor, topk_ids, topk_weights):
-        ids = self.expert_ids[self.layer_index[layer_id], self._rows()]  # [T, K]
+        rows = self._rows()
+        self._routed_rows = (get_step_context(), layer_id, rows)
+        ids = self.expert_ids[self.layer_index[layer_id], rows]  # [T, K]
         weights = torch.full_like(topk_weights, 1.0 / self.top_k)
         return ids, weights
+
+    def _recorded(self, layer_id: int, d: int, x: torch.Tensor) -> torch.Tensor | None:
+        """[T, 2M] int32 packed lookahead rows of the step's tokens, or None (no distance d)."""
+        if d not in self.lookahead_distances:
+            return None
+        j = self.lookahead_distances.index(d)
+        rows = self._rows_at(layer_id)
+        assert rows.shape[0] == x.shape[0], "x must hold the step's tokens"
+        return self.lookahead_packed[self.layer_index[layer_id], rows, j]  # [T, 2M]
+
+    def lookahead_topk(
+        self, layer_id: int, d: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The recorded top-M of router (MoE layer of `layer_id`)+d on that layer's MoE input,
+        for the step's tokens: ids [T, M] int32 (most likely first, -1: none, e.g. past the
+        last layer) and probs [T, M] float32 (0 where none), views of one gather. None when
+        the trace holds no lookahead for distance d. x [T, H] gives T only; graph-safe."""
+        packed = self._recorded(layer_id, d, x)
+        if packed is None:
+            return None
+        M = packed.shape[1] // 2
+        return packed[:, :M], packed[:, M:].view(torch.float32)
 
     def lookahead_probs(self, layer_id: int, d: int, x: torch.Tensor) -> torch.Tensor | None:
         """[T, E] float32: the recorded probabilities of router (MoE layer of `layer_id`)+d on
@@ -100,19 +141,11 @@ class TraceReplay:
         the recorded top-M and where layer+d is past the last layer. None when the trace
         holds no lookahead for distance d (see `lookahead_distances`). x [T, H] gives T and
         the device only; no host sync (graph-safe)."""
-        if d not in self.lookahead_distances:
+        top = self.lookahead_topk(layer_id, d, x)
+        if top is None:
             return None
-        j = self.lookahead_distances.index(d)
-        layer = self.layer_index[layer_id]
-        rows = self._rows()
-        assert rows.shape[0] == x.shape[0], "x must hold the step's tokens"
-        ids = self.lookahead_ids[layer, rows, j]  # [T, M]
-        probs = self.lookahead_probs_table[layer, rows, j]
+        ids, probs = top  # [T, M]
         E = self.num_experts
         out = torch.zeros(ids.shape[0], E + 1, dtype=torch.float32, device=ids.device)
-        out.scatter_(1, torch.where(ids >= 0, ids, E), probs)  # none ids land in column E
+        out.scatter_(1, torch.where(ids >= 0, ids, E).long(), probs)  # none ids: column E
         return out[:, :E].to(x.device)
-
-
-def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else t.to(device)

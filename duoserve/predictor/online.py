@@ -18,7 +18,8 @@ device buffers indexed by the step context (no host list ever built per layer):
 
 Lookahead probabilities come from the MoE block's routing hook when it has
 `lookahead_probs(layer_id, d, x)` (trace replay: the recorded router of the trained model),
-else from softmax(router_{l+d}(x)).
+else from softmax(router_{l+d}(x)). `ours` takes the hook's sparse form when it has one,
+`lookahead_topk(layer_id, d, x)` -> (ids [T, M], probs [T, M]): no dense [T, E] row is built.
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ class OnlinePredictor:
                 return probs
         return F.softmax(self.blocks[li + d].router(x).float(), dim=-1)
 
+    def lookahead_top(
+        self, li: int, d: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(ids [T, M], probs [T, M]): the recorded top-M of router li+d from the routing
+        hook's `lookahead_topk` (-1: none); None when the hook has none (use lookahead())."""
+        hook = getattr(self.blocks[li].routing_hook, "lookahead_topk", None)
+        return None if hook is None else hook(self.layer_ids[li], d, x)
+
     def predict(self, li: int, d: int, x: torch.Tensor, num: int) -> torch.Tensor | None:
         """[R, num] expert ids of MoE layer li+d, most likely first; None: no guess."""
         raise NotImplementedError
@@ -118,9 +127,12 @@ class GateLookahead(OnlinePredictor):
 
 
 class Learned(OnlinePredictor):
-    """A trained Predictor (`ours`), fused for decode (predictor/runtime.py)."""
+    """A trained Predictor (`ours`), fused for decode (predictor/runtime.py): on CUDA one
+    Triton kernel per call, fed the hook's sparse lookahead and the previous tokens' experts
+    by KV slot (no gathers of its own)."""
 
     name = "ours"
+    sparse_lookahead = True  # False: always the dense [T, E] lookahead (A/B, tests)
 
     def __init__(self, cfg, blocks, state, predictor: Predictor, distances, device, **kw) -> None:
         super().__init__(cfg, blocks, state)
@@ -135,13 +147,16 @@ class Learned(OnlinePredictor):
         T = x.shape[0]
         lo = max(0, li + 1 - self.path_layers)
         routed = self.state.step_ids[:T, lo : li + 1]  # [T, n, K]
-        probs = self.lookahead(li, d, x) if self.uses_lookahead else None
-        prev = None
+        probs = top = None
+        if self.uses_lookahead:
+            top = self.lookahead_top(li, d, x) if self.sparse_lookahead else None
+            probs = self.lookahead(li, d, x) if top is None else None  # [T, E] float32
+        prev = slots = None
         if self.uses_prev and self.state.last_rows_dev is None:  # decode: previous token known
-            prev = self.state.prev_ids[self.state.seq_slots_dev, li + d]  # [B, K]
-        if probs is not None and probs.dtype != self.fused.dtype:
-            probs = probs.to(self.fused.dtype)
-        return self.fused.predict(li, routed, probs, d, prev, num=num)
+            prev, slots = self.state.prev_ids[:, li + d], self.state.seq_slots_dev  # [S, K], [B]
+        return self.fused.predict(
+            li, routed, probs, d, prev, num=num, lookahead_top=top, prev_rows=slots
+        )
 
 
 class TraceMatch(OnlinePredictor):
