@@ -347,15 +347,29 @@ def _pick_config(x, w, group_size, y, fused) -> KernelConfig:
         return default
     key = (*key, group_size, w[2] is not None, y.dtype)
     if key not in _TUNED:
-        from triton.testing import do_bench
 
         def time_fn(cfg: KernelConfig) -> float:
-            fn = functools.partial(_launch, cfg, x, w, group_size, y, fused)
-            return do_bench(fn, warmup=5, rep=20, return_mode="median")
+            return _median_ms(functools.partial(_launch, cfg, x, w, group_size, y, fused))
 
         timed = sweep_configs(kinds, time_fn)
         _TUNED[key] = timed[0][0] if timed else default
     return _TUNED[key]
+
+
+def _median_ms(fn, warmup: int = 5, rep: int = 20) -> float:
+    """Median CUDA-event time of `fn` in ms. Allocates nothing: triton's do_bench flushes the
+    L2 with a fresh 256 MB buffer per call, which does not fit under an engine's memory
+    budget (a sweep on first use runs inside one)."""
+    for _ in range(warmup):
+        fn()
+    new_event = functools.partial(torch.cuda.Event, enable_timing=True)
+    events = [(new_event(), new_event()) for _ in range(rep)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[rep // 2]
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
