@@ -290,7 +290,8 @@ class EngineConfig:
     )
     policy: str = _opt(
         "auto",
-        "expert policy: full-gpu, ondemand, lru, lfu, fifo, pipeline, uniform, duoserve, "
+        "expert policy: full-gpu, ondemand, lru, lfu, fifo, lfu-decay, next-use, pipeline, "
+        "uniform, duoserve, "
         "gate-lookahead, trace-match, or auto",
     )
     prefill_ring_slots: int = _opt(0, "prefill staging ring slots (0: the planner chooses)")
@@ -299,6 +300,10 @@ class EngineConfig:
     )
     prefetch_distance: int = _opt(1, "decode prefetch looks d = 1..N MoE layers ahead")
     prefetch_budget: int = _opt(0, "experts prefetched per layer and distance (0: top-k)")
+    prefetch_eviction: str = _opt(
+        "next-use",
+        "eviction policy of the prefetching policies' cache: lru, lfu, fifo, lfu-decay, next-use",
+    )
     synthetic_seed: int = _opt(0, "seed of synthetic (random) weights")
     enforce_eager: int = _opt(0, "1: never capture CUDA graphs for decode")
     expert_dtype: str = _opt(
@@ -318,6 +323,13 @@ class EngineConfig:
             raise ValueError("prefill_ring_slots and prefetch_budget must be >= 0")
         if not 1 <= self.prefetch_distance <= 4:
             raise ValueError(f"prefetch_distance must be in 1..4, got {self.prefetch_distance}")
+        from duoserve.offload.policies import EVICTION_POLICIES
+
+        if self.prefetch_eviction not in EVICTION_POLICIES:
+            known = ", ".join(sorted(EVICTION_POLICIES))
+            raise ValueError(
+                f"prefetch_eviction must be one of {known}, got {self.prefetch_eviction!r}"
+            )
         if self.expert_dtype not in ("bf16", "int4"):
             raise ValueError(f"expert_dtype must be 'bf16' or 'int4', got {self.expert_dtype!r}")
 

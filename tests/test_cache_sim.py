@@ -7,7 +7,12 @@ import random
 import pytest
 import torch
 
-from duoserve.offload.policies import EVICTION_POLICIES, make_eviction_policy
+from duoserve.offload.policies import (
+    EVICTION_POLICIES,
+    PERIOD_PER_SLOT,
+    DecayedLFUPolicy,
+    make_eviction_policy,
+)
 from duoserve.offload.simulate import (
     AccessGroup,
     belady_brute_force,
@@ -17,7 +22,7 @@ from duoserve.offload.simulate import (
     trace_from_routing,
 )
 
-POLICY_NAMES = ["lru", "lfu", "fifo"]
+POLICY_NAMES = ["lru", "lfu", "fifo", "lfu-decay", "next-use"]
 
 
 def random_trace(
@@ -177,7 +182,9 @@ def test_protected_keys_are_never_evicted() -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ValueError, match=r"unknown eviction policy 'mru'.*fifo, lfu, lru"):
+    with pytest.raises(
+        ValueError, match=r"unknown eviction policy 'mru'.*fifo, lfu, lfu-decay, lru, next-use"
+    ):
         make_eviction_policy("mru")
     with pytest.raises(ValueError, match="unknown eviction policy"):
         simulate(layer0([1]), 2, "mru")
@@ -203,7 +210,7 @@ def test_registry_names() -> None:
 def test_prefetched_key_counts_from_insertion() -> None:
     # A key inserted without an access (a prefetch) has recency = insertion time, 0 accesses.
     keys = [(0, 0), (0, 1)]
-    lru, lfu, fifo = (make_eviction_policy(n) for n in POLICY_NAMES)
+    lru, lfu, fifo = (make_eviction_policy(n) for n in ("lru", "lfu", "fifo"))
     for policy in (lru, lfu, fifo):
         policy.on_insert((0, 0), 0)
         policy.on_access((0, 0), 0)
@@ -215,6 +222,25 @@ def test_prefetched_key_counts_from_insertion() -> None:
     lru.on_evict((0, 1))
     lru.on_insert((0, 1), 8)  # re-insert refreshes recency
     assert lru.choose_victim(keys, 9) == (0, 0)
+
+
+def test_lfu_decay_counts_age() -> None:
+    # Period 8: A is used 3 times, B once, all in epoch 0. Counts halve at each epoch boundary
+    # (3 -> 1 -> 0, 1 -> 0); once both are 0, recency decides: LFU would still evict B.
+    policy = DecayedLFUPolicy(period=8)
+    A, B = (0, 0), (0, 1)
+    policy.on_insert(A, 0)
+    for now in range(3):
+        policy.on_access(A, now)
+    policy.on_insert(B, 4)
+    policy.on_access(B, 4)
+    assert [policy.aged_count(k) for k in (A, B)] == [3, 1]
+    assert policy.choose_victim([A, B], 5) == B
+    assert policy.choose_victim([A, B], 8) == B  # epoch 1: 1 against 0
+    assert policy.pick_victim(lambda k: True, [A, B], 16) == A  # epoch 2: 0 and 0, A older
+    assert make_eviction_policy("lfu-decay", 10).period == PERIOD_PER_SLOT * 10
+    with pytest.raises(AssertionError, match="period must be >= 1"):
+        DecayedLFUPolicy(period=-1)
 
 
 def test_trace_from_routing() -> None:
@@ -232,8 +258,9 @@ def test_trace_from_routing() -> None:
 
 @pytest.mark.parametrize("policy_name", POLICY_NAMES)
 def test_ties_go_to_smallest_key(policy_name: str) -> None:
-    # Two prefetches at the same time, never accessed: a full tie on every rank component.
-    policy = make_eviction_policy(policy_name)
+    # Two prefetches at the same time, never accessed: a full tie on every rank component
+    # (next-use: layer 0's group is being served, so layer 0 runs last and loses anyway).
+    policy = make_eviction_policy(policy_name, capacity=2, num_layers=2)
     for key in [(1, 0), (0, 7)]:
         policy.on_insert(key, 3)
     assert policy.choose_victim([(1, 0), (0, 7)], 4) == (0, 7)

@@ -52,7 +52,7 @@ def test_offloaded_outputs_equal_resident(hf_checkpoints, family):
         assert stats["bytes_copied"] == stats["misses"] * llm.engine.memory_plan.expert_bytes
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "next-use"])
 def test_engine_cache_matches_simulator(hf_checkpoints, policy):
     """Replay the access groups the real engine produced through the simulator."""
     path, _ = hf_checkpoints["qwen3_moe"]
@@ -68,10 +68,12 @@ def test_engine_cache_matches_simulator(hf_checkpoints, policy):
     assert sim.num_misses > 0 and sim.num_hits > 0
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "lfu-decay", "next-use"])
 def test_expert_cache_matches_simulator_on_random_traces(policy):
+    """The cache's victim picks (lazy heaps, next-use's per-layer tops) against the simulator's
+    choose_victim over all candidates, also with protected keys stepped over."""
     rng = random.Random(7)
-    for _ in range(40):
+    for _ in range(60):
         num_layers, num_experts, k = rng.randint(1, 4), rng.randint(2, 12), rng.randint(1, 3)
         k = min(k, num_experts)
         capacity = rng.randint(k, num_layers * num_experts)
@@ -80,10 +82,15 @@ def test_expert_cache_matches_simulator_on_random_traces(policy):
             for _ in range(rng.randint(5, 40))
             for layer in range(num_layers)
         ]
-        cache = ExpertCache(capacity, 4, torch.float32, torch.device("cpu"), policy, True)
+        keys = [(layer, e) for layer in range(num_layers) for e in range(num_experts)]
+        protected = set(rng.sample(keys, rng.randint(0, max(0, capacity - k - 1))))
+        cache = ExpertCache(
+            capacity, 4, torch.float32, torch.device("cpu"), policy, True, num_layers=num_layers
+        )
+        cache.protected = set(protected)
         for layer, ids in trace:
             cache.release(cache.acquire_group(layer, list(ids)))
-        sim = simulate(trace, capacity, policy)
+        sim = simulate(trace, capacity, policy, protected)
         assert (cache.stats.hits, cache.stats.misses) == (sim.num_hits, sim.num_misses)
         assert tuple(ids for _, ids in cache.stats.miss_log) == sim.group_miss_ids
         assert tuple(sorted(cache.slot_of)) == sim.resident_keys

@@ -139,7 +139,14 @@ def test_prefetch_accounting_matches_brute_force(hf_checkpoints, references, fam
     resident = references[family][0]
     path = str(hf_checkpoints[family][0])
     budget = budget_for(resident, slots_for(resident, 0.4))
-    llm = LLM(path, policy="uniform", gpu_memory_budget=budget, prefetch_distance=2, **SMALL)
+    llm = LLM(
+        path,
+        policy="uniform",
+        gpu_memory_budget=budget,
+        prefetch_distance=2,
+        prefetch_eviction="lru",  # the brute force ranks victims as LRU
+        **SMALL,
+    )
     backend = decode_backend(llm)
     backend.event_log = []
     evicted = []

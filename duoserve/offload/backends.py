@@ -49,7 +49,13 @@ class CachedExperts:
         self.cfg = cfg
         self.store = store
         self.cache = cache or ExpertCache(
-            num_slots, store.slot_numel, store.dtype, device, policy, record_trace
+            num_slots,
+            store.slot_numel,
+            store.dtype,
+            device,
+            policy,
+            record_trace,
+            num_layers=cfg.num_layers,
         )
         self.transfer = transfer or TransferEngine(self.cache.num_slots, device)
         self.access_log: list[tuple[int, tuple[int, ...]]] | None = [] if record_trace else None

@@ -53,11 +53,14 @@ class ExpertCache:
         device: torch.device,
         policy: str | EvictionPolicy = "lru",
         record_misses: bool = False,
+        num_layers: int | None = None,
     ) -> None:
         assert num_slots >= 1, "an expert cache needs at least one slot"
         self.num_slots = num_slots
         self.slots = torch.empty(num_slots, slot_numel, dtype=dtype, device=device)
-        self.policy = make_eviction_policy(policy) if isinstance(policy, str) else policy
+        if isinstance(policy, str):
+            policy = make_eviction_policy(policy, num_slots, num_layers)
+        self.policy = policy
         self.slot_of: dict[ExpertKey, int] = {}
         self.key_of: list[ExpertKey | None] = [None] * num_slots
         self.pins = [0] * num_slots
@@ -78,6 +81,7 @@ class ExpertCache:
         caller copies them in. Call `release` when the group's compute is issued.
         """
         expert_ids = sorted(set(expert_ids))
+        self.policy.begin_group(layer_id)
         assert len(expert_ids) <= self.num_slots, (
             f"group of {len(expert_ids)} experts exceeds the cache's {self.num_slots} slots"
         )

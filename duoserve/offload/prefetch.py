@@ -51,7 +51,10 @@ class PrefetchingExperts(CachedExperts):
         engine: EngineConfig,
         model,
     ) -> None:
-        super().__init__(cfg, store, cache.num_slots, "lru", device, cache=cache, transfer=transfer)
+        eviction = cache.policy.name
+        super().__init__(
+            cfg, store, cache.num_slots, eviction, device, cache=cache, transfer=transfer
+        )
         self.name = f"prefetch:{predictor}"
         self.distance = engine.prefetch_distance
         self.budget = engine.prefetch_budget or cfg.num_experts_per_tok

@@ -114,8 +114,18 @@ def build_expert_runtime(
 def _build_scheduled(policy, model, cfg, engine, store, device, plan: MemoryPlan):
     """A cache-based policy: one cache and one copy stream shared by both phases' schedules."""
     prefill_kind, decode_kind = SCHEDULES[policy]
-    eviction = decode_kind.split(":")[1] if decode_kind.startswith("cache:") else "lru"
-    cache = ExpertCache(plan.num_expert_slots, store.slot_numel, store.dtype, device, eviction)
+    if decode_kind.startswith("cache:"):
+        eviction = decode_kind.split(":")[1]
+    else:
+        eviction = engine.prefetch_eviction if decode_kind.startswith("prefetch:") else "lru"
+    cache = ExpertCache(
+        plan.num_expert_slots,
+        store.slot_numel,
+        store.dtype,
+        device,
+        eviction,
+        num_layers=cfg.num_layers,
+    )
     transfer = TransferEngine(plan.num_expert_slots, device)
     built: dict[str, object] = {}
 

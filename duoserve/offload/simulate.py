@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from duoserve.offload.policies import EvictionPolicy, ExpertKey, make_eviction_policy
+from duoserve.offload.policies import (
+    PERIOD_PER_SLOT,
+    EvictionPolicy,
+    ExpertKey,
+    make_eviction_policy,
+)
 
 AccessGroup = tuple[int, tuple[int, ...]]  # (layer, sorted unique expert ids)
 
@@ -115,6 +120,7 @@ def _replay(
     group_miss_ids: list[tuple[int, ...]] = []
     evictions: list[ExpertKey] = []
     for layer, expert_ids in groups:
+        policy.begin_group(layer)
         pinned = {(layer, e) for e in expert_ids}
         miss_ids = []
         for expert_id in expert_ids:
@@ -153,29 +159,72 @@ def simulate(
 
     `protected` keys are never chosen as victims (e.g. experts in flight).
     """
-    policy = make_eviction_policy(policy_name)
-    return _replay(_normalize(trace, capacity), capacity, policy, frozenset(protected or ()))
+    groups = _normalize(trace, capacity)
+    policy = make_eviction_policy(policy_name, capacity, num_layers_of(groups))
+    return _replay(groups, capacity, policy, frozenset(protected or ()))
 
 
-# Brute-force ranks: each scans the whole event history (time, kind, key); smallest rank loses.
-def _recency(key: ExpertKey, history: list[tuple[int, str, ExpertKey]]) -> int:
+def num_layers_of(groups: Sequence[AccessGroup]) -> int:
+    """Layers a trace loops over: its largest layer id + 1."""
+    return 1 + max((layer for layer, _ in groups), default=0)
+
+
+# Brute-force ranks: each scans the whole event history (time, kind, key); smallest rank
+# loses. `at`: the current access time, the current group's layer, the aging period and the
+# trace's layer count (the aging policies' parameters for this capacity).
+History = list[tuple[int, str, ExpertKey]]
+
+
+@dataclass(frozen=True)
+class _At:
+    now: int
+    layer: int
+    period: int
+    num_layers: int
+
+
+def _recency(key: ExpertKey, history: History) -> int:
     return max(t for t, _, k in history if k == key)
 
 
-def _rank_lru(key: ExpertKey, history: list[tuple[int, str, ExpertKey]]) -> tuple:
+def _rank_lru(key: ExpertKey, history: History, at: _At) -> tuple:
     return (_recency(key, history), key)
 
 
-def _rank_lfu(key: ExpertKey, history: list[tuple[int, str, ExpertKey]]) -> tuple:
+def _rank_lfu(key: ExpertKey, history: History, at: _At) -> tuple:
     num_accesses = sum(1 for _, kind, k in history if k == key and kind == "access")
     return (num_accesses, _recency(key, history), key)
 
 
-def _rank_fifo(key: ExpertKey, history: list[tuple[int, str, ExpertKey]]) -> tuple:
+def _rank_fifo(key: ExpertKey, history: History, at: _At) -> tuple:
     return (max(t for t, kind, k in history if k == key and kind == "insert"), key)
 
 
-_BRUTE_RANKS = {"lru": _rank_lru, "lfu": _rank_lfu, "fifo": _rank_fifo}
+def _aged_count(key: ExpertKey, history: History, at: _At) -> int:
+    count, epoch = 0, 0
+    for t, kind, k in history:  # halve once per epoch boundary crossed, then count the access
+        if k == key and kind == "access":
+            count = (count >> (t // at.period - epoch)) + 1
+            epoch = t // at.period
+    return count >> (at.now // at.period - epoch)
+
+
+def _rank_lfu_decay(key: ExpertKey, history: History, at: _At) -> tuple:
+    return (_aged_count(key, history, at), _recency(key, history), key)
+
+
+def _rank_next_use(key: ExpertKey, history: History, at: _At) -> tuple:
+    ahead = [d for d in range(1, at.num_layers + 1) if (at.layer + d) % at.num_layers == key[0]]
+    return (_aged_count(key, history, at), -ahead[0], _recency(key, history), key)
+
+
+_BRUTE_RANKS = {
+    "lru": _rank_lru,
+    "lfu": _rank_lfu,
+    "fifo": _rank_fifo,
+    "lfu-decay": _rank_lfu_decay,
+    "next-use": _rank_next_use,
+}
 
 
 def brute_force_simulate(
@@ -191,7 +240,9 @@ def brute_force_simulate(
     if policy_name not in _BRUTE_RANKS:
         raise ValueError(f"unknown eviction policy {policy_name!r}; known: {sorted(_BRUTE_RANKS)}")
     rank = _BRUTE_RANKS[policy_name]
+    period = PERIOD_PER_SLOT * capacity
     groups = _normalize(trace, capacity)
+    num_layers = num_layers_of(groups)
     protected = set(protected or ())
     history: list[tuple[int, str, ExpertKey]] = []
     resident: list[ExpertKey] = []
@@ -212,7 +263,8 @@ def brute_force_simulate(
                     ]
                     if not candidates:
                         raise _no_victim_error(key, len(resident))
-                    victim = min(candidates, key=lambda k: rank(k, history))
+                    at = _At(now, layer, period, num_layers)
+                    victim = min(candidates, key=lambda k: rank(k, history, at))
                     resident.remove(victim)
                     evictions.append(victim)
                 resident.append(key)

@@ -1,0 +1,118 @@
+"""Eviction policies replayed on a shipped decode trace, with top-k prefetch (CPU, seconds).
+
+    python -m duoserve.bench.eviction \
+        --trace duoserve/assets/traces/qwen3-30b-a3b-topology.heldout.safetensors --slots 931
+
+The real ExpertCache and policy objects (one-element slots, so nothing is copied) serve the
+trace's decode tokens in order, the way offload/prefetch.py drives them at batch 1: per MoE
+layer l, the routed group is acquired (misses counted); then the recorded gate-lookahead
+top-`budget` experts of layer l+1 are protected and the non-resident ones prefetched; a
+layer's protection ends when it is acquired. Printed per policy: experts copied per token
+(misses + prefetches: the bytes the link must carry), demand misses and useless prefetches
+per token, and the host time per victim pick. Next to them, Belady-optimal demand misses
+per token (no prefetch) at the same size: the bound the decode benchmarks print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from duoserve.bench.common import print_table
+from duoserve.offload.expert_cache import ExpertCache
+from duoserve.offload.simulate import belady_misses
+from duoserve.predictor.trace import load_trace
+
+POLICIES = ("lru", "lfu-decay", "next-use")
+
+
+def replay(trace, slots: int, policy: str, budget: int, num_layers: int) -> dict[str, float]:
+    """Serve the trace's decode tokens through a fresh cache (module docstring)."""
+    ids = trace.expert_ids.long()  # [N, L, K]
+    lookahead = trace.lookahead_ids[:, :, 0].long() if trace.lookahead_ids is not None else None
+    rows = (~trace.is_prefill).nonzero().flatten().tolist()
+    L = ids.shape[1]
+    cache = ExpertCache(slots, 1, torch.uint8, torch.device("cpu"), policy, num_layers=num_layers)
+    protected_by_layer: dict[int, set] = {}
+    picks, pick_s = 0, 0.0
+    pick = cache._pick_victim
+
+    def timed_pick():
+        nonlocal picks, pick_s
+        t0 = time.perf_counter()
+        out = pick()
+        pick_s += time.perf_counter() - t0
+        picks += 1
+        return out
+
+    cache._pick_victim = timed_pick
+    for i in rows:
+        for layer in range(L):
+            for key in protected_by_layer.pop(layer, ()):
+                cache.protected.discard(key)
+            cache.release(cache.acquire_group(layer, ids[i, layer].tolist()))
+            if lookahead is None or layer + 1 >= L:
+                continue
+            for e in lookahead[i, layer, :budget].tolist():
+                key = (layer + 1, e)
+                if e < 0 or key in cache.protected:
+                    continue
+                cache.protected.add(key)
+                protected_by_layer.setdefault(layer + 1, set()).add(key)
+                s = cache.prefetch(key)
+                if s is not None:
+                    cache.release([s])
+        cache.protected.clear()  # a step ends: protections of the last layer's targets too
+        protected_by_layer.clear()
+    n, st = len(rows), cache.stats
+    return dict(
+        copied=(st.misses + st.prefetches) / n,
+        misses=st.misses / n,
+        useless=(st.prefetch_unused + len(cache.unused_prefetched)) / n,
+        pick_us=1e6 * pick_s / max(picks, 1),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--trace", required=True, help="a replay trace file or trace folder")
+    p.add_argument("--slots", type=int, nargs="+", required=True, help="cache sizes (experts)")
+    p.add_argument("--budget", type=int, default=0, help="prefetched experts per layer (0: top-k)")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES))
+    p.add_argument("--tokens", type=int, default=0, help="replay only the first N decode tokens")
+    args = p.parse_args(argv)
+    trace = load_trace(args.trace)
+    if args.tokens:
+        keep = (~trace.is_prefill).nonzero().flatten()[: args.tokens]
+        trace.is_prefill[keep[-1] + 1 :] = True  # later rows are skipped as if prefill
+    L, K = trace.expert_ids.shape[1:]
+    budget = args.budget or K
+    decode = trace.expert_ids[~trace.is_prefill].long()
+    groups = [
+        (layer, tuple(sorted(set(row[layer].tolist())))) for row in decode for layer in range(L)
+    ]
+    rows = []
+    for slots in args.slots:
+        belady = belady_misses(groups, slots).num_misses / max(decode.shape[0], 1)
+        for policy in args.policies:
+            r = replay(trace, slots, policy, budget, L)
+            rows.append(dict(slots=slots, policy=policy, belady=belady, **r))
+    print(f"{decode.shape[0]} decode tokens, {L} MoE layers x top-{K}, prefetch budget {budget}")
+    print_table(
+        rows,
+        [
+            ("slots", "slots", "d"),
+            ("policy", "policy", "s"),
+            ("copied", "copied/tok", ".1f"),
+            ("misses", "misses/tok", ".1f"),
+            ("useless", "useless/tok", ".1f"),
+            ("belady", "belady/tok", ".1f"),
+            ("pick_us", "pick us", ".1f"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
