@@ -123,8 +123,10 @@ def predictor_graph_ms(engine, backend, batch: int, repeats: int = 20) -> float 
     return start.elapsed_time(end) / repeats
 
 
-def measure(engine, policy, budget, prompts, args, link_gbps, library, prefetch=0) -> dict:
-    engine.config = engine.config.replace(prefetch_budget=prefetch)
+def measure(
+    engine, policy, budget, prompts, args, link_gbps, library, prefetch=0, eviction="next-use"
+) -> dict:
+    engine.config = engine.config.replace(prefetch_budget=prefetch, prefetch_eviction=eviction)
     engine.set_expert_policy(policy, budget)
     backend = decode_backend(engine)
     if library is not None and getattr(getattr(backend, "predictor", None), "name", "") == (
@@ -137,8 +139,11 @@ def measure(engine, policy, budget, prompts, args, link_gbps, library, prefetch=
     tpot = sorted(r["step_s"])[steps // 2] if steps else None  # median decode step
     mean = sum(r["step_s"]) / max(steps, 1)
     row = dict(
-        policy=policy if not hasattr(backend, "budget") else f"{policy} b={backend.budget}",
+        policy=policy
+        if not hasattr(backend, "budget")
+        else f"{policy} b={backend.budget} {backend.cache.policy.name}",
         prefetch_budget=getattr(backend, "budget", None),
+        eviction=backend.cache.policy.name if hasattr(backend, "cache") else None,
         cuda_graphs=engine.runner.graphs is not None,
         budget_gib=budget,
         batch=len(prompts),
@@ -210,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-full-gpu", action="store_true")
     p.add_argument("--eager", action="store_true", help="no decode CUDA graphs")
     p.add_argument("--prefetch-budgets", nargs="+", type=int, default=[0])
+    p.add_argument(
+        "--evictions", nargs="+", default=["next-use"], help="prefetching policies' evictions"
+    )
     p.add_argument("--out", default="bench/results/decode.json")
     args = p.parse_args(argv)
     policies = ["lru", *[x for x in args.policies if x != "lru"]]  # lru logs the accesses
@@ -231,13 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         for budget in budgets:
             belady = None
             runs = [
-                (policy, b)
+                (policy, b, ev)
                 for policy in policies
                 for b in (args.prefetch_budgets if policy in PREFETCHING else [0])
+                for ev in (args.evictions if policy in PREFETCHING else ["lru"])
             ]
-            for policy, b in runs:
+            for policy, b, ev in runs:
                 try:
-                    row = measure(engine, policy, budget, prompts, args, link_gbps, library, b)
+                    row = measure(engine, policy, budget, prompts, args, link_gbps, library, b, ev)
                 except (ValueError, ImportError, RuntimeError) as err:  # not buildable here
                     row = dict(policy=policy, budget_gib=budget, batch=batch, error=str(err))
                 belady = row.get("belady_ms", belady)
