@@ -137,3 +137,20 @@ def test_split_decode_over_several_pool_windows(hf_checkpoints, monkeypatch):
     )
     assert [o.output_token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
     assert calls, "decode never ran the split stage"
+
+
+@gpu
+def test_policy_switches_do_not_grow_device_memory():
+    """Captures warm up on one side stream per device: a new stream per capture left a cuBLAS
+    workspace behind at every policy switch (32 MiB each on an H100), against the budget."""
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    kw = dict(device="cuda", dtype="bfloat16", max_model_len=128)
+    llm = LLM(None, policy="lru", gpu_memory_budget=0.3, **kw)
+    allocated = []
+    for policy in ("lru", "duoserve", "uniform", "lru", "duoserve", "uniform"):
+        llm.engine.set_expert_policy(policy, 0.3)
+        assert llm.engine.runner.graphs is not None, policy
+        llm.generate(["A list is", "To open a file for reading, " * 4], greedy)
+        allocated.append(torch.cuda.memory_allocated() / 2**20)
+    print("MiB allocated after each policy's generation:", [f"{a:.1f}" for a in allocated])
+    assert allocated[3:] == pytest.approx(allocated[:3], abs=2.0)

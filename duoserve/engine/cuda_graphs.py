@@ -28,6 +28,18 @@ from duoserve.engine.kv_cache import KVCache
 from duoserve.layers.moe import MoEBlock, MoEPoint
 from duoserve.models.moe_lm import MoELM
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per device that captures warm up on. cuBLAS keeps a workspace
+    (32 MiB on an H100) for every stream it ever ran on, for the life of the process: a new
+    stream per capture leaked one per policy switch, against the memory budget."""
+    device = torch.device(device)
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
 
 def _graph_safe_hooks(model: MoELM) -> bool:
     return all(
@@ -85,7 +97,7 @@ class GraphedDecode:
     def _capture(self, B: int) -> None:
         inputs = static_inputs(self.kv, B, self.device)
         ctx = static_context(inputs, self.kv)
-        side = torch.cuda.Stream(self.device)
+        side = warmup_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), step_context(ctx):  # warm up outside the graph
             self.model(inputs[0], inputs[1], self.kv, None)
@@ -161,7 +173,7 @@ class SegmentedDecode:
         inputs = static_inputs(self.kv, B, self.device)
         ctx = static_context(inputs, self.kv)
         ctx.capturing = True
-        side = torch.cuda.Stream(self.device)
+        side = warmup_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), step_context(ctx):  # warm up outside the graphs
             self._run_segments(inputs, None)
