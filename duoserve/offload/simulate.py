@@ -29,12 +29,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from duoserve.offload.policies import (
-    PERIOD_PER_SLOT,
-    EvictionPolicy,
-    ExpertKey,
-    make_eviction_policy,
-)
+from duoserve.offload.aging_policies import PERIOD_PER_SLOT
+from duoserve.offload.policies import EvictionPolicy, ExpertKey, make_eviction_policy
 
 AccessGroup = tuple[int, tuple[int, ...]]  # (layer, sorted unique expert ids)
 
