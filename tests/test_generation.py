@@ -128,7 +128,7 @@ def test_static_kv_length_decode_equals_dynamic(hf_checkpoints):
     """What a captured decode graph computes (attention over all cache rows, masked)."""
     import torch
 
-    from duoserve.engine.context import step_context
+    from duoserve.engine.context import build_step_context, step_context
 
     path, _ = hf_checkpoints["mixtral"]  # sliding window: the mask must also hold it
     llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=64)
@@ -138,7 +138,7 @@ def test_static_kv_length_decode_equals_dynamic(hf_checkpoints):
     starts = [len(p) for p in PROMPTS]
     last = [[p[-1]] for p in PROMPTS]
     dynamic = engine.runner.forward("decode", last, slots, starts)
-    ctx = engine.runner._context("decode", slots, starts, [1] * len(PROMPTS))
+    ctx = build_step_context("decode", slots, starts, [1] * len(PROMPTS), engine.device)
     ctx.static_kv_len = engine.kv.max_len
     with step_context(ctx), torch.inference_mode():
         ids = torch.tensor([t[0] for t in last])

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from duoserve.engine.context import StepContext, step_context
+from duoserve.engine.context import StepContext, build_step_context, step_context
 from duoserve.predictor import runtime
 from duoserve.predictor.model import FEATURE_SETS, Predictor, PredictorConfig
 
@@ -189,18 +189,7 @@ def replay_setup(tmp_path: Path, config: PredictorConfig, num_slots: int = 4):
 
 
 def step_ctx(phase: str, slots: list[int], starts: list[int], lengths: list[int]) -> StepContext:
-    positions = [s + i for s, n in zip(starts, lengths) for i in range(n)]
-    token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
-    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return StepContext(
-        phase=phase,
-        slot_ids=slots,
-        start_positions=starts,
-        num_new_tokens=lengths,
-        positions_dev=long(positions),
-        token_slots_dev=long(token_slots),
-        slot_ids_dev=long(slots) if phase == "decode" else None,
-    )
+    return build_step_context(phase, slots, starts, lengths)
 
 
 def replay_passes(replay, learned, num: int, check) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from duoserve import LLM, SamplingParams
-from duoserve.engine.context import step_context
+from duoserve.engine.context import build_step_context, step_context
 
 from .conftest import FAMILIES, budget_for_slots
 from .test_parity import PROMPTS
@@ -22,8 +22,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 def _segmented_logits(engine, token_ids, slots, starts) -> tuple[torch.Tensor, int]:
     """One decode step through MoELM.segments, experts run between segments; (logits,
     number of MoE points the generator stopped at)."""
-    runner = engine.runner
-    ctx = runner._context("decode", slots, starts, [1] * len(slots))
+    ctx = build_step_context("decode", slots, starts, [1] * len(slots), engine.device)
     ids = torch.tensor(token_ids, dtype=torch.long, device=engine.device)
     stops = 0
     with torch.inference_mode(), step_context(ctx):

@@ -45,6 +45,29 @@ class StepContext:
         return all(n == 1 for n in self.num_new_tokens)
 
 
+def build_step_context(
+    phase: str, slots: list[int], starts: list[int], counts: list[int], device=None
+) -> StepContext:
+    """The context of one step: sequence i in KV slot slots[i] gets counts[i] new tokens from
+    position starts[i]; its per-token device tensors on `device` (pure decode: the sequences'
+    lengths and slots too)."""
+    positions = [s + i for s, n in zip(starts, counts) for i in range(n)]
+    token_slots = [slot for slot, n in zip(slots, counts) for _ in range(n)]
+    to_dev = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    ctx = StepContext(
+        phase=phase,
+        slot_ids=slots,
+        start_positions=starts,
+        num_new_tokens=counts,
+        positions_dev=to_dev(positions),
+        token_slots_dev=to_dev(token_slots),
+    )
+    if ctx.is_pure_decode:
+        ctx.seq_lens_dev = to_dev([s + 1 for s in starts])
+        ctx.slot_ids_dev = to_dev(slots)
+    return ctx
+
+
 _current: StepContext | None = None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from duoserve.engine.context import StepContext, step_context
+from duoserve.engine.context import build_step_context, step_context
 from duoserve.engine.cuda_graphs import GraphedDecode, SegmentedDecode
 from duoserve.engine.kv_cache import KVCache
 from duoserve.engine.scheduler import ScheduledBatch
@@ -32,23 +32,6 @@ class ModelRunner:
                     self.graphs = kind(self.model, self.kv, self.device)
                     break
 
-    def _context(self, phase: str, slots: list[int], starts: list[int], counts: list[int]):
-        positions = [s + i for s, n in zip(starts, counts) for i in range(n)]
-        token_slots = [slot for slot, n in zip(slots, counts) for _ in range(n)]
-        to_dev = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        ctx = StepContext(
-            phase=phase,
-            slot_ids=slots,
-            start_positions=starts,
-            num_new_tokens=counts,
-            positions_dev=to_dev(positions),
-            token_slots_dev=to_dev(token_slots),
-        )
-        if ctx.is_pure_decode:
-            ctx.seq_lens_dev = to_dev([s + 1 for s in starts])
-            ctx.slot_ids_dev = to_dev(slots)
-        return ctx
-
     @torch.inference_mode()
     def forward(
         self,
@@ -66,7 +49,7 @@ class ModelRunner:
             logits = self.graphs.run([t[0] for t in token_ids], slots, starts)
             self.last_stats = getattr(self.graphs, "last_stats", {})
             return logits
-        ctx = self._context(phase, slots, starts, counts)
+        ctx = build_step_context(phase, slots, starts, counts, self.device)
         input_ids = torch.tensor(
             [t for ts in token_ids for t in ts], dtype=torch.long, device=self.device
         )
