@@ -148,3 +148,20 @@ def budget_for_slots(llm, num_slots: int, scratch_copies: int = 1) -> float:
     fixed = probe.dense_bytes + probe.kv_cache_bytes + probe.activation_bytes
     fixed += scratch_copies * probe.dequant_scratch_bytes + SLACK_BYTES[engine.device.type]
     return (fixed + (num_slots + 0.5) * probe.expert_bytes) / (1 - SLACK_FRACTION) / 2**30
+
+
+def graphed_and_eager_decode(llm, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Prefill `prompts`, then the same decode step graphed, graphed again and eager (the
+    runner's graphs set aside): float logits [B, V] of each. The step's K/V rows are
+    rewritten with the same values each time."""
+    engine, runner = llm.engine, llm.engine.runner
+    assert runner.graphs is not None
+    slots = [engine.kv.allocate_slot() for _ in prompts]
+    runner.forward("prefill", prompts, slots, [0] * len(prompts))
+    starts, last = [len(p) for p in prompts], [[p[-1]] for p in prompts]
+    graphed = runner.forward("decode", last, slots, starts).float().clone()
+    graphed_again = runner.forward("decode", last, slots, starts).float().clone()
+    graphs, runner.graphs = runner.graphs, None
+    eager = runner.forward("decode", last, slots, starts).float()
+    runner.graphs = graphs
+    return graphed, graphed_again, eager

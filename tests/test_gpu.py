@@ -7,7 +7,7 @@ import torch
 
 from duoserve import LLM, SamplingParams
 
-from .conftest import FAMILIES
+from .conftest import FAMILIES, graphed_and_eager_decode
 from .test_parity import PROMPTS
 
 pytestmark = pytest.mark.gpu
@@ -96,15 +96,7 @@ def test_peak_memory_within_budget_full_size_olmoe():
 def test_cuda_graph_decode_matches_eager(hf_checkpoints):
     path, _ = hf_checkpoints["qwen3_moe"]
     llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=64)
-    engine, runner = llm.engine, llm.engine.runner
-    assert runner.graphs is not None
-    slots = [engine.kv.allocate_slot() for _ in PROMPTS]
-    runner.forward("prefill", PROMPTS, slots, [0] * len(PROMPTS))
-    starts, last = [len(p) for p in PROMPTS], [[p[-1]] for p in PROMPTS]
-    graphed = runner.forward("decode", last, slots, starts).float().clone()
-    graphs, runner.graphs = runner.graphs, None
-    eager = runner.forward("decode", last, slots, starts).float()
-    runner.graphs = graphs
+    graphed, _, eager = graphed_and_eager_decode(llm, PROMPTS)
     diff, scale = (graphed - eager).abs().max().item(), eager.abs().max().item()
     print(f"graph vs eager decode logits: max diff {diff:.4g}, scale {scale:.4g}")
     assert diff <= 2e-2 * scale

@@ -13,7 +13,7 @@ import torch
 from duoserve import LLM, SamplingParams
 from duoserve.engine.context import build_step_context, step_context
 
-from .conftest import FAMILIES, budget_for_slots
+from .conftest import FAMILIES, budget_for_slots, graphed_and_eager_decode
 from .test_parity import PROMPTS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -100,16 +100,7 @@ def test_segment_graph_logits_close_to_eager(hf_checkpoints):
     kw = dict(device="cuda", dtype="bfloat16", max_model_len=64, max_num_seqs=3)
     budget = budget_for_slots(LLM(str(path), **kw), 12)
     llm = LLM(str(path), policy="duoserve", gpu_memory_budget=budget, **kw)
-    engine, runner = llm.engine, llm.engine.runner
-    assert runner.graphs is not None
-    slots = [engine.kv.allocate_slot() for _ in PROMPTS]
-    runner.forward("prefill", PROMPTS, slots, [0] * len(PROMPTS))
-    starts, last = [len(p) for p in PROMPTS], [[p[-1]] for p in PROMPTS]
-    graphed = runner.forward("decode", last, slots, starts).float().clone()
-    graphed_again = runner.forward("decode", last, slots, starts).float().clone()
-    graphs, runner.graphs = runner.graphs, None
-    eager = runner.forward("decode", last, slots, starts).float()
-    runner.graphs = graphs
+    graphed, graphed_again, eager = graphed_and_eager_decode(llm, PROMPTS)
     diff, scale = (graphed - eager).abs().max().item(), eager.abs().max().item()
     print(f"segment graphs vs eager decode logits: max diff {diff:.4g}, scale {scale:.4g}")
     assert torch.equal(graphed, graphed_again)  # a replay is deterministic
