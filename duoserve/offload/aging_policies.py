@@ -178,7 +178,7 @@ class NextUsePolicy(DecayedLFUPolicy):
             self._heaps[key[0]].append((self._layer_rank(key), key))
         for layer, heap in enumerate(self._heaps):
             heapq.heapify(heap)
-            self._top_count[layer] = heap[0][0][0] if heap else math.inf
+            self._refresh(layer)
 
     def pick_victim(self, is_evictable, residents, now) -> ExpertKey | None:
         self._advance(now)
@@ -201,4 +201,4 @@ class NextUsePolicy(DecayedLFUPolicy):
                 counts[layer] = math.inf if alt is None else self.aged_count(alt)
         finally:
             for layer in offers:  # the offers were for this pick only
-                counts[layer] = self._heaps[layer][0][0][0] if self._heaps[layer] else math.inf
+                self._refresh(layer)
