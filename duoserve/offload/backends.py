@@ -150,7 +150,7 @@ class CachedExperts:
             self.access_log.append((plan.layer_id, tuple(plan.expert_ids[js.start : js.stop])))
 
     def _issue_misses(self, slots) -> None:
-        copy_in, cache_slots, store = self.transfer.copy_in, self.cache.slots, self.store
+        copy_in, cache_slots, store = self.transfer.copy_in, self.cache.slot_views, self.store
         flush_each = not self.grouped  # one expert at a time: each computes as it lands
         for s in slots:  # issue every miss before any compute
             if not s.is_hit:
@@ -184,7 +184,7 @@ class CachedExperts:
         self.on_access(plan, js)
         slots = self.cache.acquire_group(layer_id, expert_ids)
         self._issue_misses(slots)
-        cache_slots = self.cache.slots
+        cache_slots = self.cache.slot_views
         if last:
             self.after_misses_issued(x, plan)
         ready_events = self.transfer.ready_events

@@ -58,6 +58,7 @@ class ExpertCache:
         assert num_slots >= 1, "an expert cache needs at least one slot"
         self.num_slots = num_slots
         self.slots = torch.empty(num_slots, slot_numel, dtype=dtype, device=device)
+        self.slot_views = list(self.slots.unbind(0))  # slot_views[s] is slots[s], made once
         if isinstance(policy, str):
             policy = make_eviction_policy(policy, num_slots, num_layers)
         self.policy = policy

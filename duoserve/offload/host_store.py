@@ -40,6 +40,7 @@ class HostExpertStore:
         self.layer_index = {layer_id: i for i, layer_id in enumerate(cfg.moe_layer_ids)}
         self.expert_bytes = self.slot_numel * torch.empty((), dtype=self.dtype).element_size()
         self.blocks: list[torch.Tensor] = []
+        self._views: dict[tuple[int, int], torch.Tensor] = {}  # expert(): views made once
         self.load_seconds = 0.0
         self.pin_seconds = 0.0
 
@@ -48,13 +49,22 @@ class HostExpertStore:
         return self.cfg.num_moe_layers * self.cfg.num_experts * self.expert_bytes
 
     def expert(self, layer_id: int, expert_id: int) -> torch.Tensor:
-        """The packed expert [3*I*H] or int4 buffer [num_bytes] (a view into its layer's block)."""
-        return self.blocks[self.layer_index[layer_id]][expert_id]
+        """The packed expert [3*I*H] or int4 buffer [num_bytes] (a view into its layer's block).
+
+        Views are made once and kept: a decode step asks for hundreds of them, and making a
+        tensor view costs the host microseconds each time."""
+        view = self._views.get((layer_id, expert_id))
+        if view is None:
+            view = self._views[(layer_id, expert_id)] = self.blocks[self.layer_index[layer_id]][
+                expert_id
+            ]
+        return view
 
     def load(self, source, staging_device: str | torch.device = "cpu") -> None:
         """Allocate (and pin) the blocks, then fill them expert by expert from `source`."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        self._views.clear()
         where = "pinned host" if self.is_pinned else "host"
         desc = f"experts -> {where} ({self.num_bytes / 2**30:.1f} GiB)"
         bar = tqdm(
