@@ -265,3 +265,18 @@ def test_ties_go_to_smallest_key(policy_name: str) -> None:
         policy.on_insert(key, 3)
     assert policy.choose_victim([(1, 0), (0, 7)], 4) == (0, 7)
     assert policy.choose_victim([(0, 7), (1, 0)], 4) == (0, 7)
+
+
+@pytest.mark.parametrize("policy_name", POLICY_NAMES)
+def test_pick_victim_breaks_recency_ties_by_smallest_key(policy_name: str) -> None:
+    # Prefetches inserted at the same time, larger key first: pick_victim (the heap or bucket
+    # path the cache uses) must agree with choose_victim over every evictable candidate.
+    policy = make_eviction_policy(policy_name, capacity=4, num_layers=2)
+    keys = [(1, 5), (1, 2), (1, 9)]
+    for key in keys:
+        policy.on_insert(key, 3)
+    for barred in [set(), {(1, 2)}, {(1, 2), (1, 5)}]:
+        allowed = [k for k in keys if k not in barred]
+        want = policy.choose_victim(allowed, 4)
+        assert policy.pick_victim(lambda k, b=barred: k not in b, keys, 4) == want
+        assert want == min(allowed), (policy_name, barred)

@@ -25,10 +25,9 @@ w / count) did no better than this lexicographic order for any w tried.
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Sequence
 
-from duoserve.offload.policy_base import ExpertKey, RankedPolicy, best_evictable
+from duoserve.offload.policy_base import EvictionPolicy, ExpertKey, RankedPolicy
 
 PERIOD_PER_SLOT = 2  # counts halve every 2 x capacity accesses
 DEFAULT_PERIOD = 1024  # without a capacity
@@ -109,29 +108,36 @@ class DecayedLFUPolicy(RankedPolicy):
         return super().pick_victim(is_evictable, residents, now)
 
 
-class NextUsePolicy(DecayedLFUPolicy):
+class NextUsePolicy(EvictionPolicy):
     """Aged LFU, ties to the key whose layer runs last (`next-use`, module docstring).
 
-    Within one layer dist is common, so the layer's best victim is its smallest
-    (aged count, recency, key): one lazy heap per layer, whose current top's count is kept in
-    `_top_count[layer]`. A pick takes the smallest top count (a C-level min over the layers),
-    then walks back from the current layer to the first layer with that count (largest
-    dist); a non-evictable top (pinned, protected) makes that layer offer its best evictable
-    key instead, for this pick only.
+    Residents are filed in buckets by aged count, and within a bucket per layer in an
+    insertion-ordered dict kept in recency order (a key moves to the end when accessed). A
+    pick walks the counts upwards, and for each count the layers from the one being served
+    backwards (largest dist first), and takes the first evictable key, the smallest key among
+    those of equal recency. Keys it steps over are pinned or protected: few. When an epoch
+    ends, every count halves and the buckets are rebuilt (once per `period` accesses).
+    Everything is plain dict work: the cache calls this for every access and eviction.
     """
 
     name = "next-use"
 
     def __init__(self, period: int | None = None, num_layers: int | None = None) -> None:
-        super().__init__(period)
+        self.period = int(period or DEFAULT_PERIOD)
+        assert self.period >= 1, f"{self.name} period must be >= 1 access, got {period}"
         self.num_layers = int(num_layers or DEFAULT_NUM_LAYERS)
         assert self.num_layers >= 1, f"next-use needs num_layers >= 1, got {num_layers}"
         self.layer = 0  # layer of the group being served
-        self._heaps: list[list[tuple[tuple, ExpertKey]]] = [[] for _ in range(self.num_layers)]
-        self._top_count: list[float] = [math.inf] * self.num_layers  # inf: no resident key
+        self._count: dict[ExpertKey, tuple[int, int]] = {}  # every key ever accessed
+        self._recency: dict[ExpertKey, int] = {}  # resident key -> last access or insert time
+        self._filed: dict[ExpertKey, int] = {}  # resident key -> the count it is filed under
+        self._buckets: dict[int, list[dict[ExpertKey, None]]] = {}  # count -> per layer
+        self._sizes: dict[int, int] = {}  # count -> residents filed under it
+        self._epoch = 0
 
     @classmethod
     def for_cache(cls, capacity: int | None, num_layers: int | None) -> NextUsePolicy:
+        """The policy for a cache of `capacity` slots over `num_layers` layers."""
         return cls(PERIOD_PER_SLOT * capacity if capacity else None, num_layers)
 
     def begin_group(self, layer: int) -> None:
@@ -141,64 +147,90 @@ class NextUsePolicy(DecayedLFUPolicy):
         """Layers until `layer` runs next, from the current group's layer (1..num_layers)."""
         return (layer - self.layer) % self.num_layers or self.num_layers
 
+    def aged_count(self, key: ExpertKey) -> int:
+        """The key's count at the current epoch."""
+        count, epoch = self._count.get(key, (0, self._epoch))
+        return count >> (self._epoch - epoch)
+
     def rank(self, key: ExpertKey) -> tuple:
         return (self.aged_count(key), -self.dist(key[0]), self._recency[key], key)
 
-    def _layer_rank(self, key: ExpertKey) -> tuple:
-        return (self.aged_count(key), self._recency[key], key)
+    def _file(self, key: ExpertKey, count: int) -> None:
+        layers = self._buckets.get(count)
+        if layers is None:
+            layers = self._buckets[count] = [{} for _ in range(self.num_layers)]
+            self._sizes[count] = 0
+        layers[key[0]][key] = None  # appended: the most recent of its bucket and layer
+        self._sizes[count] += 1
+        self._filed[key] = count
 
-    def _touched(self, key: ExpertKey) -> None:
-        layer = key[0]
-        assert 0 <= layer < self.num_layers, f"next-use: layer {layer} not in 0..{self.num_layers}"
-        heap = self._heaps[layer]
-        heapq.heappush(heap, (self._layer_rank(key), key))
-        if len(heap) > 64 + 8 * len(self._recency) // self.num_layers:
-            heap[:] = [entry for entry in heap if self._is_current(entry)]
-            heapq.heapify(heap)
-        self._refresh(layer)
+    def _unfile(self, key: ExpertKey) -> None:
+        count = self._filed.pop(key)
+        del self._buckets[count][key[0]][key]
+        self._sizes[count] -= 1
+        if not self._sizes[count]:
+            del self._buckets[count], self._sizes[count]
 
-    def _refresh(self, layer: int) -> None:
-        """Drop the layer's stale heap head; record its top count."""
-        heap = self._heaps[layer]
-        while heap and not self._is_current(heap[0]):
-            heapq.heappop(heap)
-        self._top_count[layer] = heap[0][0][0] if heap else math.inf
+    def _advance(self, now: int) -> None:
+        epoch = now // self.period
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch  # every aged count may have changed: file afresh, oldest first
+        self._buckets, self._sizes, self._filed = {}, {}, {}
+        for key in sorted(self._recency, key=self._recency.__getitem__):
+            self._file(key, self.aged_count(key))
 
-    def _is_current(self, entry: tuple[tuple, ExpertKey]) -> bool:
-        rank, key = entry
-        return key in self._recency and self._layer_rank(key) == rank
+    def on_access(self, key: ExpertKey, now: int) -> None:
+        """Age, count the access and make the key the most recent of its bucket."""
+        assert key in self._recency, f"{self.name}: access to non-resident expert {key}"
+        self._advance(now)
+        count = self.aged_count(key) + 1
+        self._count[key] = (count, self._epoch)
+        self._recency[key] = now
+        self._unfile(key)
+        self._file(key, count)
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        """File the key; its count carries over from earlier residencies."""
+        assert key not in self._recency, f"{self.name}: expert {key} inserted twice"
+        assert 0 <= key[0] < self.num_layers, (
+            f"next-use: layer {key[0]} not in 0..{self.num_layers}"
+        )
+        self._advance(now)
+        self._recency[key] = now
+        self._file(key, self.aged_count(key))
 
     def on_evict(self, key: ExpertKey) -> None:
-        super().on_evict(key)
-        self._refresh(key[0])
+        """Forget the recency but keep the count."""
+        self._unfile(key)
+        del self._recency[key]
 
-    def _rebuild(self) -> None:
-        self._heaps = [[] for _ in range(self.num_layers)]
-        for key in self._recency:
-            self._heaps[key[0]].append((self._layer_rank(key), key))
-        for layer, heap in enumerate(self._heaps):
-            heapq.heapify(heap)
-            self._refresh(layer)
+    def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
+        self._advance(now)
+        return min(candidates, key=self.rank)
 
     def pick_victim(self, is_evictable, residents, now) -> ExpertKey | None:
         self._advance(now)
-        counts, offers = self._top_count, {}  # offers: layer -> its best evictable, or None
-        try:
-            while True:
-                best = min(counts)
-                if best == math.inf:
-                    return None
-                layer = self.layer  # dist num_layers first, then 1 less each step back
-                while counts[layer] != best:
-                    layer = (layer - 1) % self.num_layers
-                if layer in offers:
-                    return offers[layer]
-                key = self._heaps[layer][0][1]
-                if is_evictable(key):
-                    return key
-                alt = best_evictable(self._heaps[layer], self._is_current, is_evictable)
-                offers[layer] = alt
-                counts[layer] = math.inf if alt is None else self.aged_count(alt)
-        finally:
-            for layer in offers:  # the offers were for this pick only
-                self._refresh(layer)
+        L = self.num_layers
+        for count in sorted(self._buckets):
+            layers = self._buckets[count]
+            for back in range(L):
+                keys = layers[(self.layer - back) % L]
+                if keys:
+                    victim = self._oldest_evictable(keys, is_evictable)
+                    if victim is not None:
+                        return victim
+        return None
+
+    def _oldest_evictable(self, keys: dict, is_evictable) -> ExpertKey | None:
+        """The evictable key of least recency in `keys` (recency order), smallest on a tie."""
+        victim = None
+        for key in keys:
+            if victim is not None:
+                if self._recency[key] != self._recency[victim]:
+                    break
+                if key < victim and is_evictable(key):
+                    victim = key
+            elif is_evictable(key):
+                victim = key
+        return victim

@@ -165,6 +165,6 @@ def make_eviction_policy(
         known = ", ".join(sorted(EVICTION_POLICIES))
         raise ValueError(f"unknown eviction policy {name!r}; known: {known}")
     cls = EVICTION_POLICIES[name]
-    if issubclass(cls, DecayedLFUPolicy):
+    if issubclass(cls, (DecayedLFUPolicy, NextUsePolicy)):
         return cls.for_cache(capacity, num_layers)
     return cls()
