@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from duoserve import LLM, SamplingParams
+from duoserve.offload import prefetch
 from duoserve.offload.prefetch import PrefetchingExperts
 from duoserve.predictor import online
 from duoserve.predictor.model import Predictor, PredictorConfig
@@ -134,8 +135,12 @@ def brute_force_replay(log: list[tuple], capacity: int) -> dict:
     return out
 
 
+@pytest.mark.parametrize("prefetch_at", ["prepare", "launch"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_prefetch_accounting_matches_brute_force(hf_checkpoints, references, family):
+def test_prefetch_accounting_matches_brute_force(
+    hf_checkpoints, references, family, prefetch_at, monkeypatch
+):
+    monkeypatch.setattr(prefetch, "PREFETCH_AT", prefetch_at)
     resident = references[family][0]
     path = str(hf_checkpoints[family][0])
     budget = budget_for(resident, slots_for(resident, 0.4))
@@ -175,6 +180,8 @@ def test_prefetch_accounting_matches_brute_force(hf_checkpoints, references, fam
         (c.prefetch_unused + sim["still_unused"]) * llm.engine.memory_plan.expert_bytes
     )
     assert stats["predictor_calls"] > 0 and stats["predictor_host_s"] > 0
+    deferred = backend.counters["deferred"]  # split decode layers prefetch after their launch
+    assert (deferred > 0) == (prefetch_at == "launch"), (prefetch_at, deferred)
 
 
 # ---------------------------------------------------------------- predictor files

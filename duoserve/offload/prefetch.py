@@ -16,6 +16,13 @@ Then on the host (CachedExperts.compute):
      its ready event, like a miss.
 A layer's protection ends when that layer is acquired (its routed keys are then pinned).
 
+When (PREFETCH_AT): in a split decode layer (CachedExperts.prepare; segmented decode graphs)
+step 2 runs either in `prepare`, before the graph that computes layer l is launched
+("prepare": the GPU idles while the host picks victims), or in `after_compute`, right after
+that launch and before layer l's slots are unpinned ("launch": the GPU computes layer l while
+the host works; the copies are issued a graph launch later, still behind layer l's misses on
+the copy stream, and never into a slot layer l reads).
+
 Accounting (cache.stats, exact; tests replay it through a brute-force simulation):
 prefetches, prefetch_hits (an access found a prefetched, not yet used expert), prefetch
 evicted unused, prefetched still unused (resident, never accessed yet), bytes of the last two.
@@ -35,6 +42,8 @@ from duoserve.offload.expert_cache import ExpertCache
 from duoserve.offload.host_store import HostExpertStore
 from duoserve.offload.transfer import TransferEngine
 from duoserve.predictor.online import StepState, build_predictor
+
+PREFETCH_AT = "launch"  # split decode layers: "prepare" or "launch" (module docstring)
 
 
 class PrefetchingExperts(CachedExperts):
@@ -69,12 +78,15 @@ class PrefetchingExperts(CachedExperts):
             predictor, cfg, engine, self.blocks, self.state, distances, device, num_kv_slots
         )
         self.protected_by_layer: dict[int, set] = {}
-        self.counters = dict(predict_calls=0, predict_host_s=0.0, decode_steps=0)
+        self.counters = dict(predict_calls=0, predict_host_s=0.0, decode_steps=0, deferred=0)
         self.cuda_times: list = []  # (start, end) events around predictor calls
         self.predict_device_s = 0.0
         # tests: ("access", layer, ids, protected) / ("prefetch", key, protected, pinned keys)
         self.event_log: list[tuple] | None = None
         self._wave_keys: tuple = ()
+        self.prefetch_at = PREFETCH_AT
+        self._preparing = False  # inside prepare(): step 2 may be deferred to after_compute
+        self._deferred: RoutingPlan | None = None  # the plan whose step 2 waits for its launch
 
     # ---------------------------------------------------------------- device side
 
@@ -151,11 +163,33 @@ class PrefetchingExperts(CachedExperts):
             self._wave_keys = tuple((plan.layer_id, e) for e in ids)
         super().on_access(plan, js)
 
+    def prepare(self, x: torch.Tensor, plan: RoutingPlan) -> None:
+        assert self.prefetch_at in ("prepare", "launch"), f"bad prefetch_at {self.prefetch_at!r}"
+        self._preparing = self.prefetch_at == "launch"
+        try:
+            super().prepare(x, plan)
+        finally:
+            self._preparing = False
+
+    def after_compute(self, plan: RoutingPlan) -> None:
+        if self._deferred is plan:  # layer l's compute is launched; its slots still pinned
+            self._deferred = None
+            self.counters["deferred"] += 1
+            self._issue_prefetches(plan)
+        super().after_compute(plan)
+
     def after_misses_issued(self, x: torch.Tensor, plan: RoutingPlan) -> None:
         """Protect and prefetch the predicted experts of layers l+1..l+d (module docstring),
-        issued as one batch of copies."""
+        issued as one batch of copies; in a split layer with prefetch_at "launch", later, in
+        after_compute."""
         if plan.extra_info is None or plan.extra_host is None:
             return
+        if self._preparing:
+            self._deferred = plan
+            return
+        self._issue_prefetches(plan)
+
+    def _issue_prefetches(self, plan: RoutingPlan) -> None:
         try:
             self._prefetch(plan)
         finally:
@@ -186,13 +220,14 @@ class PrefetchingExperts(CachedExperts):
                     s = cache.prefetch(key)
                     if s is None:  # nothing evictable: stop for this layer
                         return
-                    self.transfer.copy_in(s.slot, self.store.expert(*key), cache.slots[s.slot])
+                    self.transfer.copy_in(s.slot, self.store.expert(*key), cache.slot_views[s.slot])
                     cache.release([s])
 
     def clear_protection(self) -> None:
         """Drop every protection (e.g. a forward pass that stopped midway)."""
         self.cache.protected.clear()
         self.protected_by_layer.clear()
+        self._deferred = None
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
