@@ -124,11 +124,22 @@ def predictor_graph_ms(engine, backend, batch: int, repeats: int = 20) -> float 
 
 
 def measure(
-    engine, policy, budget, prompts, args, link_gbps, library, prefetch=0, eviction="next-use"
+    engine,
+    policy,
+    budget,
+    prompts,
+    args,
+    link_gbps,
+    library,
+    prefetch=0,
+    eviction="next-use",
+    prefetch_at=None,
 ) -> dict:
     engine.config = engine.config.replace(prefetch_budget=prefetch, prefetch_eviction=eviction)
     engine.set_expert_policy(policy, budget)
     backend = decode_backend(engine)
+    if prefetch_at is not None and hasattr(backend, "prefetch_at"):
+        backend.prefetch_at = prefetch_at
     if library is not None and getattr(getattr(backend, "predictor", None), "name", "") == (
         "trace-match"
     ):
@@ -141,8 +152,9 @@ def measure(
     row = dict(
         policy=policy
         if not hasattr(backend, "budget")
-        else f"{policy} b={backend.budget} {backend.cache.policy.name}",
+        else f"{policy} b={backend.budget} {backend.cache.policy.name} {backend.prefetch_at}",
         prefetch_budget=getattr(backend, "budget", None),
+        prefetch_at=getattr(backend, "prefetch_at", None),
         eviction=backend.cache.policy.name if hasattr(backend, "cache") else None,
         cuda_graphs=engine.runner.graphs is not None,
         budget_gib=budget,
@@ -218,6 +230,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--evictions", nargs="+", default=["next-use"], help="prefetching policies' evictions"
     )
+    p.add_argument(
+        "--prefetch-at",
+        nargs="+",
+        default=[None],
+        choices=["prepare", "launch"],
+        help="when a split decode layer issues its prefetches (offload/prefetch.py PREFETCH_AT)",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="measure each prefetching run N times")
     p.add_argument("--out", default="bench/results/decode.json")
     args = p.parse_args(argv)
     policies = ["lru", *[x for x in args.policies if x != "lru"]]  # lru logs the accesses
@@ -239,14 +259,19 @@ def main(argv: list[str] | None = None) -> None:
         for budget in budgets:
             belady = None
             runs = [
-                (policy, b, ev)
+                (policy, b, ev, at)
+                for _ in range(args.repeats)
                 for policy in policies
                 for b in (args.prefetch_budgets if policy in PREFETCHING else [0])
                 for ev in (args.evictions if policy in PREFETCHING else ["lru"])
+                for at in (args.prefetch_at if policy in PREFETCHING else [None])
+                if policy in PREFETCHING or _ == 0
             ]
-            for policy, b, ev in runs:
+            for policy, b, ev, at in runs:
                 try:
-                    row = measure(engine, policy, budget, prompts, args, link_gbps, library, b, ev)
+                    row = measure(
+                        engine, policy, budget, prompts, args, link_gbps, library, b, ev, at
+                    )
                 except (ValueError, ImportError, RuntimeError) as err:  # not buildable here
                     row = dict(policy=policy, budget_gib=budget, batch=batch, error=str(err))
                 belady = row.get("belady_ms", belady)
