@@ -43,7 +43,7 @@ from duoserve.offload.host_store import HostExpertStore
 from duoserve.offload.transfer import TransferEngine
 from duoserve.predictor.online import StepState, build_predictor
 
-PREFETCH_AT = "launch"  # split decode layers: "prepare" or "launch" (module docstring)
+PREFETCH_AT = "prepare"  # split decode layers: "prepare" or "launch" (module docstring)
 
 
 class PrefetchingExperts(CachedExperts):
