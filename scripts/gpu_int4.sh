@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU machine, issue 7: the int4 kernel bench (config sweep of the stream kernel and the round-1
-# gemv/mma, % of the HBM roofline, vs cuBLAS bf16, prefill at 512 tokens: dequant + cuBLAS,
+# gemv/mma and the w4a16 prefill GEMM, % of the HBM roofline, vs cuBLAS bf16, prefill at 512
+# tokens: fused W4A16 expert vs dequant + cuBLAS vs bf16 cuBLAS,
 # fused mma, and the next expert's dequant overlapped on a side stream; a PINNED table to
 # paste) and the GPU tests of tests/test_quant.py (real Mixtral / Qwen3-30B-A3B shapes).
 # About 3 minutes on one H100 (most of it triton compiling ~55 kernel variants).
@@ -21,7 +22,7 @@ start=$SECONDS
     | grep -vE "^(mixtral|qwen3|tiny): T=" | tail -60
 rc=${PIPESTATUS[0]}
 if [ "${SMOKE:-0}" != 1 ]; then
-    "$PY" -m pytest tests/test_quant.py -m gpu -o addopts="" -q 2>&1 | tee "$OUT/int4_tests.log" \
+    "$PY" -m pytest tests/test_quant.py tests/test_quant_prefill.py -m gpu -o addopts="" -q 2>&1 | tee "$OUT/int4_tests.log" \
         | tail -15
     rc=$((rc | PIPESTATUS[0]))
 fi

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from duoserve.quant import triton_kernels
 from duoserve.quant.int4 import dequantize_int4, quantize_expert_int4
+from duoserve.quant.int4_gemm import expert_forward_w4a16
 from duoserve.quant.int4_prefill import experts_prefill_overlapped
 from duoserve.quant.triton_kernels import (
     PINNED,
@@ -52,10 +53,10 @@ OVERLAP_EXPERTS = 4
 
 SMOKE = os.environ.get("SMOKE", "0") == "1"  # CPU smoke test: interpreter, tiny shapes
 if SMOKE:
-    SHAPES = {"tiny": (128, 96)}
+    SHAPES = {"tiny": (128, 128)}  # group 64: the w4a16 kernels need >= 64
     DECODE_TOKENS = (1, 3)
     PREFILL_TOKENS = 40
-    GROUP = 32
+    GROUP = 64
 
 
 def _bench(fn) -> float:
@@ -181,8 +182,9 @@ def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, 
     return rows, dict(shape=name, **prefill)
 
 
-def _best(rows: list[dict], **match) -> dict | None:
+def _best(rows: list[dict], kernel_prefix: str = "", **match) -> dict | None:
     ok = [r for r in rows if r.get("ok") and all(r[k] == v for k, v in match.items())]
+    ok = [r for r in ok if r["kernel"].startswith(kernel_prefix)]
     return min(ok, key=lambda r: r["time_us"]) if ok else None
 
 
@@ -212,6 +214,7 @@ def bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
 
         fused_err = _rel(expert_int4(), ref)
         fused_us = _bench(expert_int4) * 1e3
+    w4a16 = _bench_w4a16(x, layout, buffer, rows, ref)
     deq_us, configs, deq_cfg = _bench_dequant(gate_up, down, wgu_bf16, wd_bf16)
     overlap = _bench_overlap(x, layout, buffer, deq_cfg, ref, compute_us=compute_ms * 1e3)
     int4_bytes = _nbytes(*gate_up, *down)
@@ -227,10 +230,40 @@ def bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
         dequant_roofline_us=roof_us,
         dequant_pct_of_compute=None if deq_us is None else 100 * deq_us / compute_us,
         expert_int4_bytes=int4_bytes,
+        dequant_cublas_expert_us=None if deq_us is None else deq_us + compute_us,
+        **{k: v for k, v in w4a16.items()},
+        w4a16_overhead_pct=(
+            None
+            if w4a16.get("w4a16_expert_us") is None
+            else 100 * (w4a16["w4a16_expert_us"] / compute_us - 1)
+        ),
         dequant_configs=configs,
         dequant_pin=None if deq_cfg is None else dataclasses.asdict(deq_cfg),
         dequant_keys=[(w[0].shape[0], w[0].shape[1] * 8, False, 0) for w in (gate_up, down)],
         **overlap,
+    )
+
+
+def _bench_w4a16(x, layout, buffer, rows, ref) -> dict:
+    """The fused W4A16 expert (prep + gate/up + silu + down, int4_gemm.expert_forward_w4a16)
+    with the fastest w4a16 config of each op from the sweep rows."""
+    best_gu = _best(rows, tokens=PREFILL_TOKENS, op="gate_up", kernel_prefix="w4a16")
+    best_d = _best(rows, tokens=PREFILL_TOKENS, op="down", kernel_prefix="w4a16")
+    if not (best_gu and best_d):
+        return dict(w4a16_expert_us=None)
+    cfgs = [KernelConfig(**b["config"]) for b in (best_gu, best_d)]
+    try:
+        err = _rel(expert_forward_w4a16(x, buffer, layout, *cfgs), ref)
+        us = _bench(lambda: expert_forward_w4a16(x, buffer, layout, *cfgs)) * 1e3
+    except Exception as e:
+        traceback.print_exc(limit=3)
+        return dict(w4a16_expert_us=None, w4a16_error=f"{type(e).__name__}: {e}")
+    return dict(
+        w4a16_expert_us=us,
+        w4a16_rel_err=err,
+        w4a16_gate_up_us=best_gu["time_us"],
+        w4a16_down_us=best_d["time_us"],
+        w4a16_configs=[dataclasses.asdict(c) for c in cfgs],
     )
 
 
@@ -315,6 +348,19 @@ def _config_name(c: dict) -> str:
     )
 
 
+def _prefill_pin(rows, key, prefill) -> dict | None:
+    # PREFILL_MODE "auto" serves w4a16 where it is pinned: pin it only if the fused expert beat
+    # dequant + cuBLAS in this run, else the best other kernel (mma, "fused" mode only)
+    p = next((p for p in prefill if p["shape"] == key[0]), {})
+    w4a16_us = p.get("w4a16_expert_us")
+    deq_us = p.get("serial_dequant_expert_us") or p.get("dequant_cublas_expert_us")
+    if w4a16_us is not None and deq_us is not None and w4a16_us < deq_us:
+        return _best(rows, shape=key[0], tokens=key[1], op=key[2])
+    others = [r for r in rows if (r["shape"], r["tokens"], r["op"]) == key and r.get("ok")]
+    others = [r for r in others if not r["kernel"].startswith("w4a16")]
+    return min(others, key=lambda r: r["time_us"]) if others else None
+
+
 def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -> None:
     """Best config per (shape, tokens, op), the prefill summary, then the PINNED table."""
     print(f"\nHBM (d2d copy) {bw:.0f} GB/s, pinned H2D {h2d:.1f} GB/s")
@@ -337,6 +383,10 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
             f"{b['cublas_bf16_us']:8.1f} {b['cublas_bf16_us'] / b['time_us']:7.2f} "
             f"{b['rel_err']:8.1e}" + (f"  ({bad} configs failed)" if bad else "")
         )
+        if key[1] == PREFILL_TOKENS and b["kernel"].startswith("w4a16"):
+            b = _prefill_pin(rows, key, prefill)
+            if b is None:
+                continue
         pinned.append((b["pin_key"], b["config"]))
     for p in prefill:  # the dequant config of the prefill path, both matrices
         if p.get("dequant_pin"):
@@ -350,6 +400,23 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
             + "; dequant "
             + ("FAILED" if deq is None else f"{deq:.1f} us = {p['dequant_pct_of_compute']:.1f}%")
             + f" of compute (dequant roofline {p['dequant_roofline_us']:.1f} us)"
+        )
+        w4 = p.get("w4a16_expert_us")
+        deq_expert = p.get("serial_dequant_expert_us") or p.get("dequant_cublas_expert_us")
+        print(
+            "  fused W4A16 (nibble planes) expert "
+            + ("FAILED" if w4 is None else f"{w4:.1f} us = {p['w4a16_overhead_pct']:+.1f}% vs bf16")
+            + (
+                f" (gate/up {p['w4a16_gate_up_us']:.1f} us, down {p['w4a16_down_us']:.1f} us)"
+                if w4 is not None
+                else ""
+            )
+            + (
+                ""
+                if deq_expert is None
+                else f"; dequant + cuBLAS expert {deq_expert:.1f} us = "
+                f"{100 * (deq_expert / p['expert_bf16_compute_us'] - 1):+.1f}% vs bf16"
+            )
         )
         if "overlapped_expert_us" in p:
             print(

@@ -8,6 +8,8 @@
   cores) for 2..16 tokens and the fused prefill alternative.
 - ``dequant``: int4 -> bf16 into a caller-given scratch, then cuBLAS: the prefill path
   (PREFILL_MODE "dequant"; "fused" uses mma with large token tiles instead).
+- ``w4a16`` / ``w4a16_b`` (prefill): the nibble-plane W4A16 GEMM (int4_gemm.py), weights on
+  tensor cores without a bf16 copy; PREFILL_MODE "auto" takes it where PINNED says so.
 
 Config choice per shape: the `PINNED` table (filled from the GPU bench), else timing the
 candidates on first use (CUDA, `set_autotune`), else the first candidate. triton is imported
@@ -29,7 +31,10 @@ import torch.nn.functional as F
 from duoserve.quant.int4 import Int4ExpertLayout, dequantize_int4
 
 MAX_DECODE_TOKENS = 16  # above this expert_forward_int4 takes the prefill path
-PREFILL_MODE = "dequant"  # "dequant": dequantize to scratch + cuBLAS; "fused": mma kernel
+# More than MAX_DECODE_TOKENS tokens: "auto": the fused w4a16 GEMM where PINNED holds w4a16
+# configs for both matrices (the GPU bench pins them only where they beat dequant + cuBLAS),
+# else dequant; "dequant": dequantize to scratch + cuBLAS; "fused": the picked mma/w4a16 config
+PREFILL_MODE = "auto"
 STREAM_MAX_TOKENS = 4  # the stream kernel's largest token tile
 
 
@@ -40,7 +45,7 @@ class KernelConfig:
     4 programs per SM); unroll: groups per step (gemv/mma/dequant); prefetch: gemv loads the
     next group while computing this one."""
 
-    kernel: str  # "stream" | "gemv" | "mma" | "dequant"
+    kernel: str  # "stream" | "gemv" | "mma" | "dequant" | "w4a16" | "w4a16_b"
     block_n: int
     block_k: int = 0
     block_t: int = 1
@@ -90,6 +95,16 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
     "mma_prefill": [  # PREFILL_MODE "fused"
         KernelConfig("mma", 128, block_t=64, num_warps=8, num_stages=3),
         KernelConfig("mma", 64, block_t=128, num_warps=4, num_stages=3),
+    ],
+    "w4a16": [  # prefill, nibble-plane W4A16 GEMM (int4_gemm.py); block_t: tokens per tile
+        KernelConfig("w4a16", 64, block_t=128, num_warps=8, num_stages=3),
+        KernelConfig("w4a16", 64, block_t=64, num_warps=4, num_stages=3),
+        KernelConfig("w4a16", 128, block_t=64, num_warps=8, num_stages=3),
+        KernelConfig("w4a16", 128, block_t=128, num_warps=8, num_stages=3),
+        KernelConfig("w4a16", 64, block_t=128, num_warps=8, num_stages=4),
+        KernelConfig("w4a16", 64, block_t=128, num_warps=4, num_stages=3),
+        KernelConfig("w4a16_b", 64, block_t=128, num_warps=8, num_stages=3),
+        KernelConfig("w4a16_b", 128, block_t=128, num_warps=8, num_stages=3),
     ],
     "dequant": [
         KernelConfig("dequant", 64, num_warps=4),
@@ -152,7 +167,7 @@ def kinds_for_tokens(num_tokens: int) -> list[str]:
         return ["stream1", "gemv", "mma"]
     if num_tokens <= STREAM_MAX_TOKENS:
         return ["stream2" if num_tokens == 2 else "stream4", "mma"]
-    return ["mma"] if num_tokens <= MAX_DECODE_TOKENS else ["mma_prefill"]
+    return ["mma"] if num_tokens <= MAX_DECODE_TOKENS else ["mma_prefill", "w4a16"]
 
 
 def triton_available() -> bool:
@@ -272,6 +287,11 @@ def _launch(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
     # x [T, K] (None for dequant), w = (qweight, scales, zeros), y [T, N] or [N, K] (dequant)
     if cfg.kernel == "stream":
         _launch_stream(cfg, x, w, group_size, y, fused)
+        return
+    if cfg.kernel.startswith("w4a16"):
+        from duoserve.quant.int4_gemm import w4a16_matmul
+
+        w4a16_matmul(cfg, x, w, group_size, y, fused)
         return
     kernels = _kernels()
     qweight, scales, zeros = w
@@ -486,6 +506,25 @@ def _permuted_input(x, buffer, layout) -> torch.Tensor:
     return x if perm is None else x.index_select(1, perm)
 
 
+def _prefill_w4a16_configs(num_tokens: int, layout: Int4ExpertLayout):
+    # (gate/up, down) w4a16 configs when PREFILL_MODE picks the fused GEMM, else None. "auto":
+    # PINNED at the token bucket (else at 512) must hold w4a16 configs for both matrices
+    from duoserve.quant.int4_gemm import supports
+
+    if PREFILL_MODE not in ("auto", "w4a16") or not supports(layout.group_size):
+        return None
+    h, i = layout.hidden_size, layout.intermediate_size
+    configs = []
+    for key in ((2 * i, h, True), (h, i, False)):
+        cfg = PINNED.get((*key, token_bucket(num_tokens))) or PINNED.get((*key, 512))
+        if cfg is None or not cfg.kernel.startswith("w4a16"):
+            if PREFILL_MODE == "auto":
+                return None
+            cfg = candidate_configs("w4a16")[0]
+        configs.append(cfg)
+    return tuple(configs)
+
+
 def expert_forward_int4(
     x: torch.Tensor,
     buffer: torch.Tensor,
@@ -497,12 +536,18 @@ def expert_forward_int4(
     """down(silu(gate x) * up x) [T, H] for one int4 expert buffer.
 
     Triton, T <= MAX_DECODE_TOKENS: the fused kernels (no bf16 copy of the weights); more
-    tokens: PREFILL_MODE "dequant" dequantizes into `scratch` (bf16, >= prefill_scratch_numel
-    elements; allocated when None) and uses cuBLAS, "fused" the mma kernel. Torch: the reference.
+    tokens: see PREFILL_MODE ("dequant" dequantizes into `scratch`, bf16, >= prefill_scratch_numel
+    elements, allocated when None, and uses cuBLAS). Torch: the reference.
     """
     g = layout.group_size
-    x_in = _permuted_input(x, buffer, layout)
     small = x.shape[0] <= MAX_DECODE_TOKENS
+    if not small and _use_triton(x, backend):
+        w4a16 = _prefill_w4a16_configs(x.shape[0], layout)
+        if w4a16 is not None:
+            from duoserve.quant.int4_gemm import expert_forward_w4a16
+
+            return expert_forward_w4a16(x, buffer, layout, *w4a16)
+    x_in = _permuted_input(x, buffer, layout)
     if small or PREFILL_MODE == "fused" or not _use_triton(x, backend):
         act = int4_gate_up_silu(x_in, *layout.gate_up_views(buffer), g, backend=backend)
         return int4_linear(act, *layout.down_views(buffer), g, backend=backend)  # [T, H]

@@ -1,0 +1,169 @@
+"""The fused W4A16 prefill GEMM (quant/int4_gemm.py, quant/_int4_prefill_triton.py).
+
+Oracle: fp32 matmuls of the exact dequantized weights (q - z) * s. CPU: the Triton interpreter
+(a subprocess with TRITON_INTERPRET=1) at a tiny expert; GPU: the real Mixtral and Qwen3-30B-A3B
+shapes against the torch reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from duoserve.quant import triton_kernels
+from duoserve.quant.int4 import dequantize_int4, expert_forward_int4_reference, quantize_expert_int4
+from duoserve.quant.int4_gemm import expert_forward_w4a16, group_sums, permute_x, supports
+from duoserve.quant.triton_kernels import (
+    KernelConfig,
+    candidate_configs,
+    expert_forward_int4,
+    int4_gate_up_silu,
+    int4_linear,
+    set_autotune,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_permute_and_group_sums() -> None:
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    xp = permute_x(x)  # [T, 4, K/4]
+    for j in range(4):
+        assert torch.equal(xp[:, j], x[:, j::4])
+    expected = x.float().view(3, 4, 64).sum(-1)  # groups of 64 inputs
+    assert torch.allclose(group_sums(xp, 64), expected, rtol=1e-6, atol=1e-5)
+    assert supports(64) and not supports(32)
+
+
+def _tiny_expert(symmetric: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    h, i = 128, 192  # group 64: down has 3 groups, gate/up 2; I = 192 rows mask a 128-row block
+    mats = [torch.randn(i, h, generator=gen), torch.randn(i, h, generator=gen)]
+    mats.append(torch.randn(h, i, generator=gen))
+    return quantize_expert_int4(*mats, group_size=64, symmetric=symmetric)
+
+
+def _check_case(config: KernelConfig, num_tokens: int, symmetric: bool) -> None:
+    # gate/up + silu and down, each against fp32 matmuls of the exact weights; then the expert
+    buffer, layout = _tiny_expert(symmetric, seed=1)
+    g, h, i = layout.group_size, layout.hidden_size, layout.intermediate_size
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    w_gu = dequantize_int4(*gate_up, g, dtype=torch.float32)
+    w_down = dequantize_int4(*down, g, dtype=torch.float32)
+    x = torch.randn(num_tokens, h, generator=torch.Generator().manual_seed(2)).bfloat16()
+    act = torch.full((num_tokens, i), float("nan"))  # poisoned fp32 outputs
+    int4_gate_up_silu(x, *gate_up, g, out=act, backend="triton", config=config)
+    gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
+    assert _rel(act, F.silu(gate) * up) < 1e-5, (config, "gate_up")
+    act_bf16 = act.bfloat16()
+    y = torch.full((num_tokens, h), float("nan"))
+    int4_linear(act_bf16, *down, g, out=y, backend="triton", config=config)
+    assert _rel(y, act_bf16.float() @ w_down.T) < 1e-5, (config, "down")
+    # the expert: the activation goes to down in the permuted layout, rounded to bf16
+    got = expert_forward_w4a16(x, buffer, layout, config, config)
+    ref_act = (F.silu(gate) * up).bfloat16().float()
+    assert _rel(got, ref_act @ w_down.T) < 1e-2, (config, "expert")  # bf16 output
+    assert _rel(got, expert_forward_int4_reference(x, buffer, layout)) < 1e-2
+
+
+# (config, tokens, symmetric): token tiles of 16 and 32 with the last one partly masked, row
+# blocks of 64 and 128 (gate/up: 192 rows, the second 128-row block half masked), both MMA
+# operand orders
+INTERPRETER_CASES = [
+    (KernelConfig("w4a16", 64, block_t=16), 37, False),
+    (KernelConfig("w4a16", 128, block_t=32), 20, True),
+    (KernelConfig("w4a16_b", 64, block_t=16), 19, True),
+]
+
+
+def run_interpreter_checks() -> None:
+    """The kernels under the interpreter; TRITON_INTERPRET=1 must be set before triton is
+    imported, hence a fresh process (see test_w4a16_interpreted)."""
+    for config, num_tokens, symmetric in INTERPRETER_CASES:
+        _check_case(config, num_tokens, symmetric)
+    # the engine entry point: PREFILL_MODE "w4a16" takes the kernel for > 16 tokens
+    buffer, layout = _tiny_expert(False, seed=3)
+    x = torch.randn(24, 128, generator=torch.Generator().manual_seed(4)).bfloat16()
+    mode, triton_kernels.PREFILL_MODE = triton_kernels.PREFILL_MODE, "w4a16"
+    try:
+        got = expert_forward_int4(x, buffer, layout, backend="triton")
+    finally:
+        triton_kernels.PREFILL_MODE = mode
+    assert _rel(got, expert_forward_int4_reference(x, buffer, layout)) < 1e-2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_w4a16_interpreted() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import tests.test_quant_prefill as t; t.run_interpreter_checks()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_auto_mode_needs_pinned_w4a16() -> None:
+    # "auto" takes the fused GEMM only where PINNED holds w4a16 configs for both matrices
+    pick = triton_kernels._prefill_w4a16_configs
+    _, layout = _tiny_expert(False, seed=5)
+    h, i = layout.hidden_size, layout.intermediate_size
+    keys = [(2 * i, h, True, 512), (h, i, False, 512)]
+    cfg = KernelConfig("w4a16", 64, block_t=128)
+    saved = {k: triton_kernels.PINNED.pop(k, None) for k in keys}
+    try:
+        assert pick(100, layout) is None
+        triton_kernels.PINNED[keys[0]] = cfg
+        assert pick(100, layout) is None  # only one matrix pinned
+        triton_kernels.PINNED[keys[1]] = cfg
+        assert pick(100, layout) == (cfg, cfg)  # bucket 128 falls back to the 512 entry
+    finally:
+        for k, v in saved.items():
+            triton_kernels.PINNED.pop(k, None)
+            if v is not None:
+                triton_kernels.PINNED[k] = v
+
+
+# --------------------------------------------------------------------------- GPU, real shapes
+
+GPU_SHAPES = {"mixtral": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # (H, I)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_w4a16_gpu_real_shapes(shape: str) -> None:
+    # every w4a16 candidate, both ops, fp32 outputs vs the exact weights; the expert vs the
+    # torch reference for several token counts
+    set_autotune(False)
+    h, i = GPU_SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    mats = [torch.randn(r, c, generator=gen, device="cuda") * 0.02 for r, c in ((i, h),) * 2]
+    mats.append(torch.randn(h, i, generator=gen, device="cuda") * 0.02)
+    buffer, layout = quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    w_gu, w_d = (dequantize_int4(*w, 128, dtype=torch.float32) for w in (gate_up, down))
+    x = torch.randn(300, h, generator=gen, device="cuda").bfloat16()
+    gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
+    act = (F.silu(gate) * up).bfloat16()
+    for config in candidate_configs("w4a16"):
+        out = torch.full((300, i), float("nan"), device="cuda")
+        int4_gate_up_silu(x, *gate_up, 128, out=out, config=config, backend="triton")
+        assert _rel(out, F.silu(gate) * up) < 1e-4, (shape, config, "gate_up")
+        out = torch.full((300, h), float("nan"), device="cuda")
+        int4_linear(act, *down, 128, out=out, config=config, backend="triton")
+        assert _rel(out, act.float() @ w_d.T) < 1e-4, (shape, config, "down")
+    expected = expert_forward_int4_reference(x, buffer, layout)
+    config = candidate_configs("w4a16")[0]
+    for t in (17, 100, 300):
+        got = expert_forward_w4a16(x[:t], buffer, layout, config, config)
+        assert _rel(got, expected[:t]) < 1e-2, (shape, t, _rel(got, expected[:t]))
