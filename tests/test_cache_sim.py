@@ -280,3 +280,21 @@ def test_pick_victim_breaks_recency_ties_by_smallest_key(policy_name: str) -> No
         want = policy.choose_victim(allowed, 4)
         assert policy.pick_victim(lambda k, b=barred: k not in b, keys, 4) == want
         assert want == min(allowed), (policy_name, barred)
+
+
+def test_eviction_bench_reuse_stats_by_hand() -> None:
+    # Two sequences, one layer, top-1 of 4 experts: decode rows 0,0,1 | 2,2. Next-token pairs
+    # within a sequence: (0,0) reused, (0,1) not, (2,2) reused -> 2/3; the top-1 expert of the
+    # layer (0 or 2, 2 uses each) catches 2 of the 5 uses.
+    from types import SimpleNamespace
+
+    from duoserve.bench.eviction import reuse_stats
+
+    trace = SimpleNamespace(
+        expert_ids=torch.tensor([[[0]], [[0]], [[1]], [[2]], [[2]], [[3]]]),
+        is_prefill=torch.tensor([False] * 5 + [True]),
+        seq_id=torch.tensor([0, 0, 0, 1, 1, 1]),
+        num_experts=4,
+    )
+    r = reuse_stats(trace, slots=1)
+    assert r == pytest.approx(dict(reuse_next=2 / 3, base_rate=0.25, static_top=0.4, per_layer=1))
