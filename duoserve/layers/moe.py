@@ -119,12 +119,31 @@ def prepare_sync(plan: RoutingPlan) -> None:
     )
 
 
+_STAGING: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # pinned, grown on demand
+
+
+def host_list(t: torch.Tensor) -> list:
+    """`t.tolist()` of a 1-D tensor; from a CUDA tensor through a reused pinned buffer, after
+    the current stream's work (what .tolist() waits for too, without its pageable copy and
+    fresh host tensor each call)."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    n, key = t.numel(), (t.device, t.dtype)
+    buf = _STAGING.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _STAGING[key] = torch.empty(max(n, 4096), dtype=t.dtype, pin_memory=True)
+    host = buf[:n]
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host.tolist()
+
+
 def sync_routed_experts(plan: RoutingPlan) -> None:
     """THE per-layer host sync: bring plan.sync_dev (prepare_sync) to the host, timed."""
     t0 = time.perf_counter()
     if plan.sync_dev is None:
         prepare_sync(plan)
-    values = plan.sync_dev.tolist()  # NOTE: the one host sync of a MoE layer
+    values = host_list(plan.sync_dev)  # NOTE: the one host sync of a MoE layer
     stats = get_step_context().stats
     stats["routing_sync_s"] = stats.get("routing_sync_s", 0.0) + time.perf_counter() - t0
     stats["routing_syncs"] = stats.get("routing_syncs", 0) + 1
