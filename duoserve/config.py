@@ -299,7 +299,9 @@ class EngineConfig:
         "auto", "decode predictor .safetensors for duoserve/uniform (auto: the shipped one)"
     )
     prefetch_distance: int = _opt(1, "decode prefetch looks d = 1..N MoE layers ahead")
-    prefetch_budget: int = _opt(0, "experts prefetched per layer and distance (0: top-k)")
+    prefetch_budget: int = _opt(
+        0, "experts prefetched per token, layer and distance (0: 3/4 of the top-k, rounded up)"
+    )
     prefetch_eviction: str = _opt(
         "next-use",
         "eviction policy of the prefetching policies' cache: lru, lfu, fifo, lfu-decay, next-use",

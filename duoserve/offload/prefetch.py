@@ -66,7 +66,7 @@ class PrefetchingExperts(CachedExperts):
         )
         self.name = f"prefetch:{predictor}"
         self.distance = engine.prefetch_distance
-        self.budget = engine.prefetch_budget or cfg.num_experts_per_tok
+        self.budget = engine.prefetch_budget or default_budget(cfg.num_experts_per_tok)
         self.budget = min(self.budget, cfg.num_experts)
         self.phases = ("prefill", "decode")  # the runtime narrows this when paired
         num_kv_slots = engine.max_num_seqs + 1  # + the CUDA-graph scratch slot
@@ -250,6 +250,15 @@ class PrefetchingExperts(CachedExperts):
             decode_steps=self.counters["decode_steps"],
         )
         return out
+
+
+def default_budget(top_k: int) -> int:
+    """Experts prefetched per token, layer and distance by default: the likeliest 3/4 of the
+    top-k, rounded up (Mixtral's top-2: 2; Qwen3's top-8: 6). On a link-bound decode the last
+    ranks cost more link time than their hits save: at Qwen3-30B-A3B, 12 GiB, H100, budget 6
+    against 8 took 50.6 against 53.5 ms at batch 1 and 211.2 against 230.7 ms at batch 4
+    (bench/results/decode-qwen3-h100-budgets-s5.json, docs/offloading.md)."""
+    return -(-3 * top_k // 4)
 
 
 def _ranked(values: list[int], rows: int, votes: bool) -> list[int]:
