@@ -339,17 +339,25 @@ def test_torch_backend_entry_points() -> None:
     assert torch.equal(dequantize_int4_into(*w, 32, out), dequantize_int4(*w, 32))
 
 
-def _tiny_expert(symmetric: bool, seed: int, group: int = 32):
+def _tiny_expert(symmetric: bool, seed: int, group: int = 32, inter: int = 96):
     gen = torch.Generator().manual_seed(seed)
-    h, i = 128, 96  # i: 3 groups of 32, so 64-row blocks are partly masked
+    h, i = 128, inter  # 96: 3 groups of 32, so 64-row blocks are partly masked
     mats = [torch.randn(i, h, generator=gen), torch.randn(i, h, generator=gen)]
     mats.append(torch.randn(h, i, generator=gen))
     return quantize_expert_int4(*mats, group_size=group, symmetric=symmetric)
 
 
-def _check_kernel_case(config: KernelConfig, num_tokens: int, symmetric: bool) -> None:
-    # fused gate/up + silu and down, each against fp32 matmuls of the dequantized weights
-    buffer, layout = _tiny_expert(symmetric, seed=9)
+def _check_kernel_case(
+    config: KernelConfig,
+    num_tokens: int,
+    symmetric: bool,
+    seed: int = 9,
+    group: int = 32,
+    inter: int = 96,
+) -> tuple:
+    """Fused gate/up + silu and down, each against fp32 matmuls of the dequantized weights;
+    returns (x, buffer, layout, silu(gate) * up, down weights) for further checks."""
+    buffer, layout = _tiny_expert(symmetric, seed, group, inter)
     g, h, i = layout.group_size, layout.hidden_size, layout.intermediate_size
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     # every fused kernel computes with the exact weights (q - z) * s (fp32)
@@ -364,6 +372,7 @@ def _check_kernel_case(config: KernelConfig, num_tokens: int, symmetric: bool) -
     y = torch.full((num_tokens, h), float("nan"))
     int4_linear(act_bf16, *down, g, out=y, backend="triton", config=config)
     assert _rel(y, act_bf16.float() @ w_down.T) < 1e-5, (config, "down")
+    return x, buffer, layout, F.silu(gate) * up, w_down
 
 
 def _check_dequant_and_expert() -> None:

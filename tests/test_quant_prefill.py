@@ -29,6 +29,9 @@ from duoserve.quant.triton_kernels import (
     set_autotune,
 )
 
+from .test_quant import _check_kernel_case as check_kernel_case
+from .test_quant import _tiny_expert as tiny_expert
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,33 +50,19 @@ def test_permute_and_group_sums() -> None:
 
 
 def _tiny_expert(symmetric: bool, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    h, i = 128, 192  # group 64: down has 3 groups, gate/up 2; I = 192 rows mask a 128-row block
-    mats = [torch.randn(i, h, generator=gen), torch.randn(i, h, generator=gen)]
-    mats.append(torch.randn(h, i, generator=gen))
-    return quantize_expert_int4(*mats, group_size=64, symmetric=symmetric)
+    # group 64 (the kernel's smallest): down has 3 groups, gate/up 2; I = 192 rows mask a
+    # 128-row block
+    return tiny_expert(symmetric, seed, group=64, inter=192)
 
 
 def _check_case(config: KernelConfig, num_tokens: int, symmetric: bool) -> None:
-    # gate/up + silu and down, each against fp32 matmuls of the exact weights; then the expert
-    buffer, layout = _tiny_expert(symmetric, seed=1)
-    g, h, i = layout.group_size, layout.hidden_size, layout.intermediate_size
-    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    w_gu = dequantize_int4(*gate_up, g, dtype=torch.float32)
-    w_down = dequantize_int4(*down, g, dtype=torch.float32)
-    x = torch.randn(num_tokens, h, generator=torch.Generator().manual_seed(2)).bfloat16()
-    act = torch.full((num_tokens, i), float("nan"))  # poisoned fp32 outputs
-    int4_gate_up_silu(x, *gate_up, g, out=act, backend="triton", config=config)
-    gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
-    assert _rel(act, F.silu(gate) * up) < 1e-5, (config, "gate_up")
-    act_bf16 = act.bfloat16()
-    y = torch.full((num_tokens, h), float("nan"))
-    int4_linear(act_bf16, *down, g, out=y, backend="triton", config=config)
-    assert _rel(y, act_bf16.float() @ w_down.T) < 1e-5, (config, "down")
-    # the expert: the activation goes to down in the permuted layout, rounded to bf16
+    # gate/up + silu and down against fp32 matmuls of the exact weights (test_quant's check),
+    # then the expert: the activation goes to down in the permuted layout, rounded to bf16
+    x, buffer, layout, act, w_down = check_kernel_case(
+        config, num_tokens, symmetric, seed=1, group=64, inter=192
+    )
     got = expert_forward_w4a16(x, buffer, layout, config, config)
-    ref_act = (F.silu(gate) * up).bfloat16().float()
-    assert _rel(got, ref_act @ w_down.T) < 1e-2, (config, "expert")  # bf16 output
+    assert _rel(got, act.bfloat16().float() @ w_down.T) < 1e-2, (config, "expert")  # bf16 out
     assert _rel(got, expert_forward_int4_reference(x, buffer, layout)) < 1e-2
 
 
