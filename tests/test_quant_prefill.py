@@ -11,7 +11,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,14 +28,9 @@ from duoserve.quant.triton_kernels import (
     set_autotune,
 )
 
+from .test_quant import ROOT, _rel
 from .test_quant import _check_kernel_case as check_kernel_case
 from .test_quant import _tiny_expert as tiny_expert
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_permute_and_group_sums() -> None:
