@@ -298,3 +298,20 @@ def test_eviction_bench_reuse_stats_by_hand() -> None:
     )
     r = reuse_stats(trace, slots=1)
     assert r == pytest.approx(dict(reuse_next=2 / 3, base_rate=0.25, static_top=0.4, per_layer=1))
+
+
+def test_eviction_bench_batch_steps_by_hand() -> None:
+    # Decode rows: sequence 0 -> 0, 1, 2; sequence 1 -> 3, 4; sequence 2 -> 5, 6, 7 (row 8 is
+    # a prompt token). Batch 2: stream 0 serves sequences 0 then 2, stream 1 sequence 1; the
+    # steps end with the shorter stream.
+    from types import SimpleNamespace
+
+    from duoserve.bench.eviction import batch_steps
+
+    trace = SimpleNamespace(
+        is_prefill=torch.tensor([False] * 8 + [True]),
+        seq_id=torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]),
+    )
+    assert batch_steps(trace, 1) == [[r] for r in range(8)]
+    assert batch_steps(trace, 2) == [[0, 3], [1, 4]]
+    assert batch_steps(trace, 3) == [[0, 3, 5], [1, 4, 6]]
