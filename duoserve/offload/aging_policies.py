@@ -34,14 +34,12 @@ DEFAULT_PERIOD = 1024  # without a capacity
 DEFAULT_NUM_LAYERS = 1  # without a model: dist is 1 for every key
 
 
-class DecayedLFUPolicy(RankedPolicy):
-    """LFU with counts halved every `period` accesses (`lfu-decay`, module docstring).
+class AgedCounts:
+    """What both policies share: per key (count, epoch of that count), whose aged count at
+    epoch e is count >> (e - epoch); the recency of each resident; the epoch clock. A
+    subclass is told when an epoch ends (`_new_epoch`) and files keys its own way."""
 
-    Per key: (count, epoch of that count); its aged count at epoch e is count >> (e - epoch).
-    Ranks hold within an epoch; when an epoch ends the heap is rebuilt (ties appear).
-    """
-
-    name = "lfu-decay"
+    name = ""
 
     def __init__(self, period: int | None = None) -> None:
         super().__init__()
@@ -51,15 +49,48 @@ class DecayedLFUPolicy(RankedPolicy):
         self._recency: dict[ExpertKey, int] = {}  # resident key -> last access or insert time
         self._epoch = 0
 
-    @classmethod
-    def for_cache(cls, capacity: int | None, num_layers: int | None) -> DecayedLFUPolicy:
-        """The policy for a cache of `capacity` slots (None: defaults)."""
-        return cls(PERIOD_PER_SLOT * capacity if capacity else None)
-
     def aged_count(self, key: ExpertKey) -> int:
         """The key's count at the current epoch."""
         count, epoch = self._count.get(key, (0, self._epoch))
         return count >> (self._epoch - epoch)
+
+    def _advance(self, now: int) -> None:
+        epoch = now // self.period
+        if epoch != self._epoch:  # every aged count may have changed
+            self._epoch = epoch
+            self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        raise NotImplementedError
+
+    def _count_access(self, key: ExpertKey, now: int) -> int:
+        """Age, count an access to resident `key` and refresh its recency; its new count."""
+        assert key in self._recency, f"{self.name}: access to non-resident expert {key}"
+        self._advance(now)
+        count = self.aged_count(key) + 1
+        self._count[key] = (count, self._epoch)
+        self._recency[key] = now
+        return count
+
+    def _start_recency(self, key: ExpertKey, now: int) -> None:
+        """A key became resident: age, then track its recency (its count carries over)."""
+        assert key not in self._recency, f"{self.name}: expert {key} inserted twice"
+        self._advance(now)
+        self._recency[key] = now
+
+
+class DecayedLFUPolicy(AgedCounts, RankedPolicy):
+    """LFU with counts halved every `period` accesses (`lfu-decay`, module docstring).
+
+    Ranks hold within an epoch; when an epoch ends the heap is rebuilt (ties appear).
+    """
+
+    name = "lfu-decay"
+
+    @classmethod
+    def for_cache(cls, capacity: int | None, num_layers: int | None) -> DecayedLFUPolicy:
+        """The policy for a cache of `capacity` slots (None: defaults)."""
+        return cls(PERIOD_PER_SLOT * capacity if capacity else None)
 
     def rank(self, key: ExpertKey) -> tuple:
         return (self.aged_count(key), self._recency[key], key)
@@ -70,29 +101,18 @@ class DecayedLFUPolicy(RankedPolicy):
     def num_resident(self) -> int:
         return len(self._recency)
 
-    def _advance(self, now: int) -> None:
-        epoch = now // self.period
-        if epoch != self._epoch:  # every aged count may have changed: rank afresh
-            self._epoch = epoch
-            self._rebuild()
-
-    def _rebuild(self) -> None:
+    def _new_epoch(self) -> None:  # rank afresh
         self._heap = [(self.rank(k), k) for k in self._recency]
         heapq.heapify(self._heap)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
         """Age, count the access and refresh the key's recency."""
-        assert key in self._recency, f"{self.name}: access to non-resident expert {key}"
-        self._advance(now)
-        self._count[key] = (self.aged_count(key) + 1, self._epoch)
-        self._recency[key] = now
+        self._count_access(key, now)
         self._touched(key)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         """Start tracking recency; the count carries over from earlier residencies."""
-        assert key not in self._recency, f"{self.name}: expert {key} inserted twice"
-        self._advance(now)
-        self._recency[key] = now
+        self._start_recency(key, now)
         self._touched(key)
 
     def on_evict(self, key: ExpertKey) -> None:
@@ -108,7 +128,7 @@ class DecayedLFUPolicy(RankedPolicy):
         return super().pick_victim(is_evictable, residents, now)
 
 
-class NextUsePolicy(EvictionPolicy):
+class NextUsePolicy(AgedCounts, EvictionPolicy):
     """Aged LFU, ties to the key whose layer runs last (`next-use`, module docstring).
 
     Residents are filed in buckets by aged count, and within a bucket per layer in an
@@ -123,17 +143,13 @@ class NextUsePolicy(EvictionPolicy):
     name = "next-use"
 
     def __init__(self, period: int | None = None, num_layers: int | None = None) -> None:
-        self.period = int(period or DEFAULT_PERIOD)
-        assert self.period >= 1, f"{self.name} period must be >= 1 access, got {period}"
+        super().__init__(period)
         self.num_layers = int(num_layers or DEFAULT_NUM_LAYERS)
         assert self.num_layers >= 1, f"next-use needs num_layers >= 1, got {num_layers}"
         self.layer = 0  # layer of the group being served
-        self._count: dict[ExpertKey, tuple[int, int]] = {}  # every key ever accessed
-        self._recency: dict[ExpertKey, int] = {}  # resident key -> last access or insert time
         self._filed: dict[ExpertKey, int] = {}  # resident key -> the count it is filed under
         self._buckets: dict[int, list[dict[ExpertKey, None]]] = {}  # count -> per layer
         self._sizes: dict[int, int] = {}  # count -> residents filed under it
-        self._epoch = 0
 
     @classmethod
     def for_cache(cls, capacity: int | None, num_layers: int | None) -> NextUsePolicy:
@@ -146,11 +162,6 @@ class NextUsePolicy(EvictionPolicy):
     def dist(self, layer: int) -> int:
         """Layers until `layer` runs next, from the current group's layer (1..num_layers)."""
         return (layer - self.layer) % self.num_layers or self.num_layers
-
-    def aged_count(self, key: ExpertKey) -> int:
-        """The key's count at the current epoch."""
-        count, epoch = self._count.get(key, (0, self._epoch))
-        return count >> (self._epoch - epoch)
 
     def rank(self, key: ExpertKey) -> tuple:
         return (self.aged_count(key), -self.dist(key[0]), self._recency[key], key)
@@ -171,33 +182,23 @@ class NextUsePolicy(EvictionPolicy):
         if not self._sizes[count]:
             del self._buckets[count], self._sizes[count]
 
-    def _advance(self, now: int) -> None:
-        epoch = now // self.period
-        if epoch == self._epoch:
-            return
-        self._epoch = epoch  # every aged count may have changed: file afresh, oldest first
+    def _new_epoch(self) -> None:  # file afresh, oldest first
         self._buckets, self._sizes, self._filed = {}, {}, {}
         for key in sorted(self._recency, key=self._recency.__getitem__):
             self._file(key, self.aged_count(key))
 
     def on_access(self, key: ExpertKey, now: int) -> None:
         """Age, count the access and make the key the most recent of its bucket."""
-        assert key in self._recency, f"{self.name}: access to non-resident expert {key}"
-        self._advance(now)
-        count = self.aged_count(key) + 1
-        self._count[key] = (count, self._epoch)
-        self._recency[key] = now
+        count = self._count_access(key, now)
         self._unfile(key)
         self._file(key, count)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         """File the key; its count carries over from earlier residencies."""
-        assert key not in self._recency, f"{self.name}: expert {key} inserted twice"
         assert 0 <= key[0] < self.num_layers, (
             f"next-use: layer {key[0]} not in 0..{self.num_layers}"
         )
-        self._advance(now)
-        self._recency[key] = now
+        self._start_recency(key, now)
         self._file(key, self.aged_count(key))
 
     def on_evict(self, key: ExpertKey) -> None:

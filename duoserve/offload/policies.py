@@ -28,7 +28,12 @@ the cache has a few hundred to a few thousand slots.
 
 from __future__ import annotations
 
-from duoserve.offload.aging_policies import PERIOD_PER_SLOT, DecayedLFUPolicy, NextUsePolicy
+from duoserve.offload.aging_policies import (
+    PERIOD_PER_SLOT,
+    AgedCounts,
+    DecayedLFUPolicy,
+    NextUsePolicy,
+)
 from duoserve.offload.policy_base import EvictionPolicy, ExpertKey, RankedPolicy
 
 __all__ = [
@@ -165,6 +170,6 @@ def make_eviction_policy(
         known = ", ".join(sorted(EVICTION_POLICIES))
         raise ValueError(f"unknown eviction policy {name!r}; known: {known}")
     cls = EVICTION_POLICIES[name]
-    if issubclass(cls, (DecayedLFUPolicy, NextUsePolicy)):
+    if issubclass(cls, AgedCounts):
         return cls.for_cache(capacity, num_layers)
     return cls()
