@@ -8,24 +8,19 @@ copies themselves run at the link's speed and are waited for outside the timing)
   torch:  dst.copy_(src, non_blocking=True), src from torch's pinned allocator;
   torch (registered): the same, src in memory pinned by cudaHostRegister instead (torch's
           pinned allocator records an event per copy of its own blocks);
-  cudart: cudaMemcpyAsync called directly through ctypes.
+  cudart: cudaMemcpyAsync called directly through ctypes (transfer.raw_memcpy, what
+          the engine uses).
 """
 
 from __future__ import annotations
 
-import ctypes
 import time
 
 import torch
 
+from duoserve.offload.transfer import H2D, raw_memcpy
+
 N, NUMEL = 48, 9437184 // 2  # bf16 elements of one expert
-
-
-def libcudart() -> ctypes.CDLL:
-    with open("/proc/self/maps") as f:
-        paths = {line.split()[-1] for line in f if "libcudart.so" in line}
-    assert paths, "libcudart is not loaded in this process"
-    return ctypes.CDLL(sorted(paths)[0])
 
 
 def timed(fn, stream) -> float:
@@ -48,9 +43,8 @@ def main() -> None:
     assert cudart.cudaHostRegister(plain.data_ptr(), nbytes, 0) == 0
     dst = torch.empty(N, NUMEL, dtype=torch.bfloat16, device=dev)
     srcs, regs, dsts = list(src.unbind(0)), list(plain.unbind(0)), list(dst.unbind(0))
-    lib = libcudart()
-    lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_size_t, ctypes.c_int]
-    lib.cudaMemcpyAsync.argtypes += [ctypes.c_void_p]
+    memcpy = raw_memcpy()  # the engine's copy path (offload/transfer.py)
+    assert memcpy is not None, "libcudart is not loaded in this process"
     size = NUMEL * 2
     ptrs = [(d.data_ptr(), s.data_ptr()) for d, s in zip(dsts, srcs)]
 
@@ -61,7 +55,7 @@ def main() -> None:
     def raw_copy():
         h = stream.cuda_stream
         for d, s in ptrs:
-            assert lib.cudaMemcpyAsync(d, s, size, 1, h) == 0
+            assert memcpy(d, s, size, H2D, h) == 0
 
     for name, fn in (
         ("torch", lambda: torch_copy(srcs)),

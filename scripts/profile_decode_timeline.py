@@ -25,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from duoserve.bench.common import random_prompt
+from duoserve.bench.prefill import union_spans
 from duoserve.bench.replay import TraceReplay
 from duoserve.config import EngineConfig
 from duoserve.engine.llm_engine import LLMEngine
@@ -51,16 +52,6 @@ def instrument() -> None:
                 return _fn(*args, **kwargs)
 
         setattr(owner, name, wrapper)
-
-
-def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
 
 
 def gaps(busy: list[tuple[float, float]], lo: float, hi: float) -> list[tuple[float, float]]:
@@ -100,7 +91,7 @@ def analyse(trace_path: str) -> dict:
             copies.append((a, b))  # expert copies (not the small inputs)
         elif cat == "kernel":
             kernels.append((a, b))
-    link, comp = union(copies), union(kernels)
+    link, comp = union_spans(copies), union_spans(kernels)
     out = defaultdict(float)
     for lo, hi in steps:
         out["wall"] += hi - lo
@@ -160,7 +151,11 @@ def main() -> None:
         if args.no_profile:
             while engine.has_unfinished_requests():
                 engine.step()
-            print(f"{variant:28s} {tpot * 1e3:8.1f}  ({copies:.0f} copies/step)", flush=True)
+            print(
+                f"{variant:28s} {tpot * 1e3:8.1f}  ({copies:.0f} copies per step,"
+                " prefill and warm-up included)",
+                flush=True,
+            )
             continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):

@@ -100,7 +100,8 @@ def reuse_stats(trace, slots: int) -> dict[str, float]:
     """What any online policy can know: how often an expert a token used at a layer is used
     again by the same sequence's next token there, the base rate (K / E), and the share of
     uses the `slots / L` most used experts of each layer would catch if pinned (an oracle:
-    counted over the whole trace)."""
+    counted over the whole trace). A sequence's rows must be consecutive, in position order,
+    as replay files store them."""
     ids = trace.expert_ids[~trace.is_prefill].long()  # [N, L, K]
     seq = trace.seq_id[~trace.is_prefill]
     N, L, K = ids.shape

@@ -228,8 +228,8 @@ def timeline(engine: LLMEngine, budget: float, prompt: list[int], path: str, tit
     ttft = generate_one(engine, prompt)
     intervals = pre.timeline_intervals()
     pre.timeline = None
-    copy = _union([(i["start_ms"], i["end_ms"]) for i in intervals if i["kind"] == "copy"])
-    comp = _union([(i["start_ms"], i["end_ms"]) for i in intervals if i["kind"] == "compute"])
+    copy = union_spans([(i["start_ms"], i["end_ms"]) for i in intervals if i["kind"] == "copy"])
+    comp = union_spans([(i["start_ms"], i["end_ms"]) for i in intervals if i["kind"] == "compute"])
     both = sum(max(0.0, min(b, d) - max(a, c)) for a, b in copy for c, d in comp)
     span = max((i["end_ms"] for i in intervals), default=0.0)
     summary = {
@@ -244,7 +244,8 @@ def timeline(engine: LLMEngine, budget: float, prompt: list[int], path: str, tit
     return {"summary": summary, "intervals": intervals}
 
 
-def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def union_spans(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The disjoint, sorted union of (start, end) spans."""
     out: list[list[float]] = []
     for a, b in sorted(spans):
         if out and a <= out[-1][1]:
