@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from duoserve.weights.synthetic import byte_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_interpreted(code: str) -> subprocess.CompletedProcess:
+    """Run `python -c code` from the repo root with TRITON_INTERPRET=1 (it must be set before
+    triton is first imported, hence a fresh process); asserts it exited 0."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
 
 BASE = dict(
     vocab_size=300,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +21,8 @@ import torch
 from duoserve.engine.context import StepContext, build_step_context, step_context
 from duoserve.predictor import runtime
 from duoserve.predictor.model import FEATURE_SETS, Predictor, PredictorConfig
+
+from .conftest import run_interpreted
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN3 = ROOT / "duoserve/assets/predictors/qwen3-30b-a3b-topology.safetensors"
@@ -350,12 +350,8 @@ def run_interpreter_checks(tmp: str) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernel_interpreted(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     code = f"import tests.test_predictor_kernel as t; t.run_interpreter_checks({str(tmp_path)!r})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_interpreted(code)
     assert "interpreter checks passed" in proc.stdout
 
 

@@ -8,10 +8,6 @@ shapes when triton is installed.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +43,7 @@ from duoserve.quant.triton_kernels import (
     set_autotune,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import run_interpreted
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -415,12 +411,7 @@ def run_interpreter_checks() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_interpreted() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import tests.test_quant as t; t.run_interpreter_checks()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_interpreted("import tests.test_quant as t; t.run_interpreter_checks()")
 
 
 # --------------------------------------------------------------------------- GPU, real shapes

@@ -8,9 +8,6 @@ shapes against the torch reference.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,8 +25,9 @@ from duoserve.quant.triton_kernels import (
     set_autotune,
 )
 
-from .test_quant import ROOT, _rel
+from .conftest import run_interpreted
 from .test_quant import _check_kernel_case as check_kernel_case
+from .test_quant import _rel
 from .test_quant import _tiny_expert as tiny_expert
 
 
@@ -88,12 +86,7 @@ def run_interpreter_checks() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_w4a16_interpreted() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import tests.test_quant_prefill as t; t.run_interpreter_checks()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_interpreted("import tests.test_quant_prefill as t; t.run_interpreter_checks()")
 
 
 def test_auto_mode_needs_pinned_w4a16() -> None:
