@@ -123,6 +123,16 @@ def hf_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
     return {f: make_hf_checkpoint(f, root / f, seed=i) for i, f in enumerate(FAMILIES)}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: the CI machine's cores are shared, and tiny
+    matmuls only gain contention from more threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -35,12 +35,7 @@ SEQ_LEN, MAX_WINDOWS = 32, 4
 TOL = 2e-5  # nats: fp32 on both sides, same bf16 weights (results keep 6 decimals)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from duoserve.engine.request import Request
 from duoserve.engine.scheduler import Scheduler, SloTargets, StepCostModel
@@ -174,15 +173,6 @@ def test_admission_is_earliest_deadline_with_late_requests_yielding():
 def test_slo_targets_are_validated():
     with pytest.raises(AssertionError):
         SloTargets(ttft_s=0.0)
-
-
-@pytest.fixture
-def one_torch_thread():
-    """The CI machine's cores are shared: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_slo_scheduling_keeps_greedy_outputs(one_torch_thread):
