@@ -81,13 +81,7 @@ fi
 START_S=$SECONDS
 TRAIN_S=$("$PY" -c "print(round(float('$TRAIN_MINUTES') * 60))")
 TIMING="$WORK/timing.log"
-left() { echo $((DEADLINE_S - (SECONDS - START_S))); }
-budget() {  # budget WANT RESERVE: seconds for a stage, leaving RESERVE for later ones
-    local b=$(($(left) - $2))
-    [ "$b" -gt "$1" ] && b=$1
-    [ "$b" -lt 5 ] && b=5
-    echo "$b"
-}
+source scripts/deadline.sh  # left, budget
 stage() {  # stage NAME STAGE LIMIT_S CMD...: run with a timeout, log rc and time
     local name=$1 what=$2 limit=$3 t0=$SECONDS rc
     shift 3

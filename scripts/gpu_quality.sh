@@ -62,14 +62,7 @@ DEADLINE_S=${DEADLINE_S:-480}
 START_S=$SECONDS
 TRAIN_S=$("$PY" -c "print(round(float('$TRAIN_MINUTES') * 60))")
 TIMING="$WORK/timing.log"
-left() { echo $((DEADLINE_S - (SECONDS - START_S))); }
-budget() {  # budget WANT: seconds for a stage, at most what is left of DEADLINE_S (>= 5)
-    local b
-    b=$(left)
-    [ "$b" -gt "$1" ] && b=$1
-    [ "$b" -lt 5 ] && b=5
-    echo "$b"
-}
+source scripts/deadline.sh  # left, budget
 note() { echo "$*" | tee -a "$TIMING"; }
 
 if [ ! -f "$CORPUS/train.tokens.npy" ] || [ ! -f "$CORPUS/heldout.tokens.npy" ]; then
