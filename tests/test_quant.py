@@ -437,6 +437,8 @@ def test_kernels_gpu_real_shapes(shape: str) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
     for t in (1, 3, 16, 100):
         for kind in kinds_for_tokens(t):
+            if kind.startswith("tc"):  # tests/test_quant_tc.py (tc_s rounds weights to bf16)
+                continue
             config = candidate_configs(kind)[0]
             for op, w in ops.items():
                 w_ref = dequantize_int4(*w, 128, dtype=torch.float32)  # exact weights

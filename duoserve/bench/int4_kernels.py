@@ -30,6 +30,7 @@ from duoserve.quant import triton_kernels
 from duoserve.quant.int4 import dequantize_int4, quantize_expert_int4
 from duoserve.quant.int4_gemm import expert_forward_w4a16
 from duoserve.quant.int4_prefill import experts_prefill_overlapped
+from duoserve.quant.int4_tc import expert_forward_tc
 from duoserve.quant.triton_kernels import (
     PINNED,
     KernelConfig,
@@ -49,14 +50,15 @@ PREFILL_TOKENS = 512
 MAX_REL_ERR = 1e-2
 GROUP = 128
 OVERLAP_EXPERTS = 4
+KINDS: set[str] | None = None  # --kinds: only these candidate kinds (None: all)
 
 
 SMOKE = os.environ.get("SMOKE", "0") == "1"  # CPU smoke test: interpreter, tiny shapes
 if SMOKE:
-    SHAPES = {"tiny": (128, 128)}  # group 64: the w4a16 kernels need >= 64
+    SHAPES = {"tiny": (128, 256)}  # group 128: the tc kernels need >= 128
     DECODE_TOKENS = (1, 3)
     PREFILL_TOKENS = 40
-    GROUP = 64
+    GROUP = 128
 
 
 def _bench(fn) -> float:
@@ -68,6 +70,40 @@ def _bench(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+ROTATE_BYTES = 256 << 20  # cold timing: distinct weight copies totalling >= 5x the L2
+COLD_REPS = 30
+
+
+def _copies(w: tuple, total_bytes: int = ROTATE_BYTES) -> list[tuple]:
+    """Enough distinct copies of the tensors `w` (None kept) that cycling through them reads
+    every byte from HBM: the L2 (50 MB on an H100) never holds the next copy."""
+    num = max(2, -(-total_bytes // _nbytes(*w)))
+    return [tuple(None if t is None else t.clone() for t in w) for _ in range(num)]
+
+
+def _bench_cold(fn, copies: list[tuple]) -> float:
+    """Median milliseconds of fn(*copies[i % n]) per call, with cold but clean L2.
+
+    do_bench zeroes 256 MB before each call to flush the L2; the zeroes stay in the L2 as dirty
+    lines, and a kernel that reads less than the L2 holds then pays for writing them back
+    (up to its own size again). Here each call reads a copy no recent call touched, so the
+    L2 evicts only clean lines. The calls are queued behind a sleep kernel so that each event
+    pair brackets GPU work only, not the host's launch time."""
+    if SMOKE:
+        return _bench(lambda: fn(*copies[0]))
+    for args in copies[:2]:
+        fn(*args)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(COLD_REPS)]
+    torch.cuda._sleep(20_000_000)  # ~10 ms: every launch below is queued before it ends
+    for i, (start, end) in enumerate(events):
+        start.record()
+        fn(*copies[i % len(copies)])
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[COLD_REPS // 2]
 
 
 def _sync() -> None:
@@ -99,8 +135,9 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base) -> float:
-    # one config: poisoned output, correctness vs ref, then the median time; recorded in rows
+def _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base, copies=None) -> float:
+    # one config: poisoned output, correctness vs ref, then the median time; recorded in rows.
+    # With weight copies (decode): also the cold-L2 time, which then ranks the configs
     fn = int4_gate_up_silu if fused else int4_linear
     row = dict(base, kernel=cfg.kernel, config=dataclasses.asdict(cfg))
     rows.append(row)
@@ -118,6 +155,14 @@ def _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base) -> float:
     row["pct_roofline"] = 100 * row["roofline_us"] / row["time_us"]
     if not row["ok"]:
         raise ValueError(f"{cfg}: relative error {err:.2e}")  # not eligible as the best
+    if copies is not None:
+
+        def call(*wc):
+            fn(x, *wc, group, out=out, config=cfg, backend="triton")
+
+        cold = _bench_cold(call, copies)
+        row.update(cold_us=cold * 1e3, cold_pct_roofline=100 * row["roofline_us"] / cold / 1e3)
+        return cold
     return ms
 
 
@@ -130,16 +175,25 @@ def bench_decode_op(op, x, w, group, w_bf16, ref, bw_gbps) -> list[dict]:
     pin_key = (w[0].shape[0], w[0].shape[1] * 8, fused, token_bucket(t))  # PINNED's key
     base = dict(op=op, tokens=t, roofline_us=roof_us, pin_key=pin_key)
     rows = []
+    copies = _copies(w) if t <= triton_kernels.MAX_DECODE_TOKENS else None
     sweep_configs(
-        kinds_for_tokens(t),
-        lambda cfg: _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base),
+        [k for k in kinds_for_tokens(t) if KINDS is None or k in KINDS],
+        lambda cfg: _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base, copies),
     )
     cublas_us = _bench(lambda: x @ w_bf16.T) * 1e3
     bf16_roof_us = (_nbytes(w_bf16) + _nbytes(x)) / bw_gbps / 1e3
+    extra = {}
+    if copies is not None:
+        del copies
+        bf16_copies = _copies((w_bf16,))
+        cold_us = _bench_cold(lambda wb: x @ wb.T, bf16_copies) * 1e3
+        extra = dict(cublas_bf16_cold_us=cold_us, cublas_bf16_cold_pct=100 * bf16_roof_us / cold_us)
+        del bf16_copies
     for row in rows:
         row.update(
-            cublas_bf16_us=cublas_us, cublas_bf16_pct_roofline=100 * bf16_roof_us / cublas_us
-        )
+            cublas_bf16_us=cublas_us, cublas_bf16_pct_roofline=100 * bf16_roof_us / cublas_us,
+            **extra,
+        )  # fmt: skip
     return rows
 
 
@@ -179,13 +233,60 @@ def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, 
         rows += _op_rows(name, layout, gate_up, down, w_gu, w_d, t, bw_gbps)
     print(f"{name}: prefill summary T={PREFILL_TOKENS}", flush=True)
     prefill = bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps)
-    return rows, dict(shape=name, **prefill)
+    return rows, dict(shape=name, **prefill, **_bench_tc_experts(layout, buffer, w_gu, w_d, rows))
+
+
+def _bench_tc_experts(layout, buffer, w_gu, w_d, rows) -> dict:
+    """The whole expert (permute + gate/up + silu + down, int4_tc.expert_forward_tc) with the
+    fastest tc configs of each op, at every token count, next to the bf16 cuBLAS expert."""
+    out = {}
+    wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
+    for t in (*DECODE_TOKENS, PREFILL_TOKENS):
+        best = [_best(rows, tokens=t, op=op, kernel_prefix="tc") for op in ("gate_up", "down")]
+        if None in best:
+            continue
+        cfgs = [KernelConfig(**b["config"]) for b in best]
+        x = torch.randn(t, layout.hidden_size, device=w_gu.device).bfloat16()
+
+        def expert_bf16(x=x):
+            g, u = (x @ wgu_bf16.T).chunk(2, dim=1)
+            return (F.silu(g) * u) @ wd_bf16.T
+
+        def expert_tc(x=x, cfgs=cfgs):
+            return expert_forward_tc(x, buffer, layout, *cfgs)
+
+        try:
+            err = _rel(expert_tc(), expert_bf16())
+            us = _bench(expert_tc) * 1e3
+            cold = {}
+            if t <= triton_kernels.MAX_DECODE_TOKENS:  # weights cold in the L2, as in decode
+                bufs = _copies((buffer,))
+                cold["tc_cold_us"] = 1e3 * _bench_cold(
+                    lambda b, x=x, cfgs=cfgs: expert_forward_tc(x, b, layout, *cfgs), bufs
+                )
+                del bufs
+                mats = _copies((wgu_bf16, wd_bf16))
+                cold["bf16_cold_us"] = 1e3 * _bench_cold(
+                    lambda a, b, x=x: (F.silu((x @ a.T)[:, : a.shape[0] // 2]) * (x @ a.T)[
+                        :, a.shape[0] // 2 :]) @ b.T, mats
+                )  # fmt: skip
+                del mats
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            out[f"tc_expert_t{t}_error"] = f"{type(e).__name__}: {e}"
+            continue
+        out[f"tc_expert_t{t}"] = dict(
+            tc_us=us, rel_err=err, bf16_cublas_us=_bench(expert_bf16) * 1e3,
+            sum_of_ops_us=best[0]["time_us"] + best[1]["time_us"], **cold,
+            configs=[dataclasses.asdict(c) for c in cfgs],
+        )  # fmt: skip
+    return out
 
 
 def _best(rows: list[dict], kernel_prefix: str = "", **match) -> dict | None:
     ok = [r for r in rows if r.get("ok") and all(r[k] == v for k, v in match.items())]
     ok = [r for r in ok if r["kernel"].startswith(kernel_prefix)]
-    return min(ok, key=lambda r: r["time_us"]) if ok else None
+    return min(ok, key=lambda r: r.get("cold_us", r["time_us"])) if ok else None
 
 
 def bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
@@ -271,7 +372,7 @@ def _bench_overlap(x, layout, buffer, deq_cfg, ref, compute_us) -> dict:
     """OVERLAP_EXPERTS experts (one buffer, read each time: 92 MB > L2 for Mixtral) through
     dequant + cuBLAS one after the other, and with the dequant of expert e+1 on a side stream
     during expert e's GEMMs (experts_prefill_overlapped); per expert, vs the bf16 expert."""
-    if SMOKE or deq_cfg is None:
+    if SMOKE or deq_cfg is None or KINDS is not None:
         return {}
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     for w in (gate_up, down):  # the best dequant config for both matrices, as PINNED would
@@ -377,11 +478,17 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
         if b is None:
             print(f"{key[0]:14s} {key[1]:3d} {key[2]:8s} no passing config ({bad} failed)")
             continue
+        cold = (
+            f"  cold L2: {b['cold_us']:.1f} us = {b['cold_pct_roofline']:.1f}% of roofline"
+            f" (bf16 cuBLAS {b['cublas_bf16_cold_us']:.1f} us = {b['cublas_bf16_cold_pct']:.1f}%)"
+            if "cold_us" in b
+            else ""
+        )
         print(
             f"{key[0]:14s} {key[1]:3d} {key[2]:8s} {_config_name(b['config']):>34s} "
             f"{b['time_us']:8.1f} {b['roofline_us']:8.1f} {b['pct_roofline']:6.1f} "
             f"{b['cublas_bf16_us']:8.1f} {b['cublas_bf16_us'] / b['time_us']:7.2f} "
-            f"{b['rel_err']:8.1e}" + (f"  ({bad} configs failed)" if bad else "")
+            f"{b['rel_err']:8.1e}" + (f"  ({bad} configs failed)" if bad else "") + cold
         )
         if key[1] == PREFILL_TOKENS and b["kernel"].startswith("w4a16"):
             b = _prefill_pin(rows, key, prefill)
@@ -426,6 +533,21 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
                 f"(+{p['overlapped_overhead_pct']:.1f}% over bf16; equal outputs: "
                 f"{p['overlapped_equal_serial']})"
             )
+        for key in sorted((k for k in p if k.startswith("tc_expert_t")), key=lambda k: len(k)):
+            e = p[key]
+            if isinstance(e, str):
+                print(f"  tc expert {key[11:]}: FAILED {e}")
+                continue
+            print(
+                f"  tc expert T={key[11:]}: {e['tc_us']:.1f} us (its two ops timed alone "
+                f"{e['sum_of_ops_us']:.1f} us) vs bf16 cuBLAS expert {e['bf16_cublas_us']:.1f} us"
+                f" = {e['tc_us'] / e['bf16_cublas_us']:.2f}x; rel err {e['rel_err']:.1e}"
+                + (
+                    f"; cold L2 {e['tc_cold_us']:.1f} us vs bf16 {e['bf16_cold_us']:.1f} us"
+                    if "tc_cold_us" in e
+                    else ""
+                )
+            )
     print("\n# paste into duoserve/quant/triton_kernels.py (group 128, asymmetric, bf16)")
     print("PINNED = {")
     for key, c in pinned:
@@ -439,7 +561,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="int4_kernels.json", help="JSON results path")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
+    parser.add_argument("--kinds", default="", help="only these candidate kinds (e.g. tc,gemv)")
+    parser.add_argument("--tokens", default="", help="only these decode token counts (e.g. 1,16)")
     args = parser.parse_args()
+    global KINDS, DECODE_TOKENS
+    if args.kinds:
+        KINDS = set(args.kinds.split(","))
+    if args.tokens:
+        DECODE_TOKENS = tuple(int(t) for t in args.tokens.split(","))
     import triton
 
     device = torch.device("cpu" if SMOKE else "cuda")

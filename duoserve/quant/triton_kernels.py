@@ -45,7 +45,7 @@ class KernelConfig:
     4 programs per SM); unroll: groups per step (gemv/mma/dequant); prefetch: gemv loads the
     next group while computing this one."""
 
-    kernel: str  # "stream" | "gemv" | "mma" | "dequant" | "w4a16" | "w4a16_b"
+    kernel: str  # "stream" | "gemv" | "mma" | "dequant" | "w4a16" | "w4a16_b" | "tc" | "tc_s"
     block_n: int
     block_k: int = 0
     block_t: int = 1
@@ -70,6 +70,10 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(_S, 8, 2048, 1, 2, 1),
         KernelConfig(_S, 8, 2048, 1, 2, 3),
         KernelConfig(_S, 4, 8192, 1, 8, 1),
+        KernelConfig(_S, 4, 2048, 1, 2, 1),
+        KernelConfig(_S, 2, 4096, 1, 4, 1),
+        KernelConfig(_S, 4, 1024, 1, 1, 1),
+        KernelConfig(_S, 8, 1024, 1, 1, 1),
     ],
     "stream2": [
         KernelConfig(_S, 4, 4096, 2, 4, 1),
@@ -106,6 +110,23 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig("w4a16_b", 64, block_t=128, num_warps=8, num_stages=3),
         KernelConfig("w4a16_b", 128, block_t=128, num_warps=8, num_stages=3),
     ],
+    "tc": [  # tensor cores, inline-asm planes (int4_tc.py); 16-token tiles. 4 warps:
+        # wgmma (sm_90), one wait per MMA; 1-2 warps: mma.sync, no waits
+        KernelConfig("tc", 64, block_t=16, num_warps=2, num_stages=4),
+        KernelConfig("tc", 32, block_t=16, num_warps=2, num_stages=4),
+        KernelConfig("tc", 64, block_t=16, num_warps=2, num_stages=6),
+        KernelConfig("tc", 32, block_t=16, num_warps=1, num_stages=4),
+        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=3),
+        KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=4),
+        KernelConfig("tc_s", 64, block_t=16, num_warps=2, num_stages=4),
+    ],
+    "tc_prefill": [
+        KernelConfig("tc_s", 64, block_t=64, num_warps=4, num_stages=3),
+        KernelConfig("tc_s", 128, block_t=64, num_warps=4, num_stages=3),
+        KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=3),
+        KernelConfig("tc_s", 64, block_t=128, num_warps=4, num_stages=3),
+        KernelConfig("tc", 64, block_t=64, num_warps=4, num_stages=3),
+    ],
     "dequant": [
         KernelConfig("dequant", 64, num_warps=4),
         KernelConfig("dequant", 32, num_warps=4, unroll=2),
@@ -116,38 +137,39 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
 
 # (weight rows N, K, fused gate/up, token bucket) -> config; paste the GPU bench's "PINNED"
 # output here. Buckets: 1, 2, 4, 8, 16 (decode), 32..512 (fused prefill), 0 (dequant).
-# From bench/results/int4-kernels-h100-v3.log (H100, round 3, group 128, asymmetric, bf16),
-# written positionally: KernelConfig(kernel, block_n, block_k, block_t, num_warps,
-# num_stages, split_k, unroll, prefetch).
+# Decode buckets (1..16) and dequant (0): bench/results/int4-kernels-h100-v5.log (H100, round 5,
+# ranked by cold-L2 time, see docs/int4.md); 512 (PREFILL_MODE "fused" only): round 3's.
+# Positional: KernelConfig(kernel, block_n, block_k, block_t, num_warps, num_stages, split_k,
+# unroll, prefetch).
 PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
     (4096, 14336, False, 1): KernelConfig("gemv", 64, 0, 1, 4, 1, 8, 1, True),
-    (28672, 4096, True, 1): KernelConfig("stream", 8, 2048, 1, 2, 1, 0, 1, False),
+    (28672, 4096, True, 1): KernelConfig("stream", 4, 4096, 1, 4, 1, 0, 1, False),
     (4096, 14336, False, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
-    (28672, 4096, True, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
-    (4096, 14336, False, 4): KernelConfig("mma", 64, 0, 16, 4, 3, 8, 1, False),
-    (28672, 4096, True, 4): KernelConfig("mma", 64, 0, 16, 4, 2, 1, 2, False),
-    (4096, 14336, False, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 0, 1, False),
-    (28672, 4096, True, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 6, 1, False),
-    (4096, 14336, False, 16): KernelConfig("mma", 64, 0, 16, 4, 3, 0, 1, False),
-    (28672, 4096, True, 16): KernelConfig("mma", 64, 0, 16, 4, 3, 6, 1, False),
+    (28672, 4096, True, 2): KernelConfig("tc", 64, 0, 16, 4, 4, 0, 1, False),
+    (4096, 14336, False, 4): KernelConfig("tc", 128, 0, 16, 4, 3, 16, 1, False),
+    (28672, 4096, True, 4): KernelConfig("tc", 32, 0, 16, 2, 4, 2, 1, False),
+    (4096, 14336, False, 8): KernelConfig("tc", 128, 0, 16, 4, 3, 12, 1, False),
+    (28672, 4096, True, 8): KernelConfig("tc", 32, 0, 16, 2, 4, 2, 1, False),
+    (4096, 14336, False, 16): KernelConfig("tc", 128, 0, 16, 4, 3, 12, 1, False),
+    (28672, 4096, True, 16): KernelConfig("tc", 32, 0, 16, 2, 4, 0, 1, False),
     (4096, 14336, False, 512): KernelConfig("mma", 64, 0, 128, 4, 3, 1, 1, False),
     (28672, 4096, True, 512): KernelConfig("mma", 128, 0, 64, 8, 3, 1, 1, False),
-    (2048, 768, False, 1): KernelConfig("gemv", 64, 0, 1, 4, 1, 0, 1, True),
-    (1536, 2048, True, 1): KernelConfig("gemv", 64, 0, 1, 4, 1, 12, 1, True),
-    (2048, 768, False, 2): KernelConfig("mma", 64, 0, 16, 4, 2, 0, 2, False),
-    (1536, 2048, True, 2): KernelConfig("stream", 2, 4096, 2, 4, 1, 0, 1, False),
+    (2048, 768, False, 1): KernelConfig("gemv", 128, 0, 1, 4, 1, 8, 1, True),
+    (1536, 2048, True, 1): KernelConfig("gemv", 64, 0, 1, 4, 1, 0, 1, True),
+    (2048, 768, False, 2): KernelConfig("stream", 4, 4096, 2, 4, 1, 0, 1, False),
+    (1536, 2048, True, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
     (2048, 768, False, 4): KernelConfig("mma", 64, 0, 16, 4, 3, 12, 1, False),
     (1536, 2048, True, 4): KernelConfig("stream", 2, 2048, 4, 2, 1, 0, 1, False),
-    (2048, 768, False, 8): KernelConfig("mma", 64, 0, 16, 4, 2, 16, 2, False),
-    (1536, 2048, True, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 0, 1, False),
-    (2048, 768, False, 16): KernelConfig("mma", 64, 0, 16, 4, 2, 2, 2, False),
-    (1536, 2048, True, 16): KernelConfig("mma", 64, 0, 16, 4, 3, 12, 1, False),
+    (2048, 768, False, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 12, 1, False),
+    (1536, 2048, True, 8): KernelConfig("mma", 64, 0, 16, 4, 2, 8, 2, False),
+    (2048, 768, False, 16): KernelConfig("mma", 64, 0, 16, 4, 3, 6, 1, False),
+    (1536, 2048, True, 16): KernelConfig("mma", 64, 0, 16, 4, 2, 0, 2, False),
     (2048, 768, False, 512): KernelConfig("mma", 64, 0, 128, 4, 3, 1, 1, False),
     (1536, 2048, True, 512): KernelConfig("mma", 128, 0, 64, 8, 3, 2, 1, False),
     (28672, 4096, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
     (4096, 14336, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
-    (1536, 2048, False, 0): KernelConfig("dequant", 16, 0, 1, 4, 1, 0, 4, False),
-    (2048, 768, False, 0): KernelConfig("dequant", 16, 0, 1, 4, 1, 0, 4, False),
+    (1536, 2048, False, 0): KernelConfig("dequant", 32, 0, 1, 4, 1, 0, 2, False),
+    (2048, 768, False, 0): KernelConfig("dequant", 32, 0, 1, 4, 1, 0, 2, False),
 }
 
 
@@ -164,10 +186,12 @@ def token_bucket(num_tokens: int) -> int:
 def kinds_for_tokens(num_tokens: int) -> list[str]:
     """Candidate kinds for a token count, the default's kind first."""
     if num_tokens == 1:
-        return ["stream1", "gemv", "mma"]
+        return ["stream1", "gemv", "mma", "tc"]
     if num_tokens <= STREAM_MAX_TOKENS:
-        return ["stream2" if num_tokens == 2 else "stream4", "mma"]
-    return ["mma"] if num_tokens <= MAX_DECODE_TOKENS else ["mma_prefill", "w4a16"]
+        return ["stream2" if num_tokens == 2 else "stream4", "mma", "tc"]
+    if num_tokens <= MAX_DECODE_TOKENS:
+        return ["mma", "tc"]
+    return ["mma_prefill", "w4a16", "tc_prefill"]
 
 
 def triton_available() -> bool:
@@ -288,6 +312,11 @@ def _launch(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
     if cfg.kernel == "stream":
         _launch_stream(cfg, x, w, group_size, y, fused)
         return
+    if cfg.kernel in ("tc", "tc_s"):
+        from duoserve.quant.int4_tc import tc_matmul
+
+        tc_matmul(cfg, x, w, group_size, y, fused)
+        return
     if cfg.kernel.startswith("w4a16"):
         from duoserve.quant.int4_gemm import w4a16_matmul
 
@@ -342,7 +371,7 @@ def sweep_configs(kinds: list[str], time_fn) -> list[tuple[KernelConfig, float]]
                 timed.append((cfg, time_fn(cfg)))
             except Exception:  # a config that fails to compile or run is skipped
                 continue
-    splittable = [item for item in timed if item[0].kernel in ("gemv", "mma")]
+    splittable = [item for item in timed if item[0].kernel in ("gemv", "mma", "tc", "tc_s")]
     if splittable:
         best = min(splittable, key=lambda item: item[1])[0]
         prefill = best.block_t > MAX_DECODE_TOKENS  # enough token tiles: few splits matter

@@ -1,0 +1,121 @@
+"""Compile an int4 Triton kernel for sm_90 on a machine without a GPU and summarize its SASS.
+
+Uses triton's own ptxas / nvdisasm. Prints registers, spills, whether the loop uses cp.async and
+wgmma, and the instruction histogram of the main loop (the longest backward-branch body).
+
+    python scripts/sass_int4.py tc --bn 64 --bt 16 --fused --warps 4 --stages 4
+    python scripts/sass_int4.py tc --bn 128 --bt 128 --pre-scale --warps 8 --stages 3 --dump out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from duoserve.quant import _int4_tc_triton
+
+
+def compile_tc(args: argparse.Namespace):
+    sig = {
+        "xp_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "N": "i32", "KW": "i32", "G": "i32",
+        "up_offset": "i32", "stride_xt": "i32", "stride_xj": "i32", "stride_yt": "i32",
+        "stride_yj": "i32", "groups_per_split": "i32",
+    }  # fmt: skip
+    consts = dict(
+        HAS_ZEROS=True, FUSED=args.fused, PERMUTE_OUT=args.fused, GROUP=128, BN=args.bn,
+        BT=args.bt, PRE_SCALE=args.pre_scale, USE_ASM=True, DOT_FP32=False, NS=args.stages,
+        PREFETCH=args.prefetch,
+    )  # fmt: skip
+    for name in consts:
+        sig[name] = "constexpr"
+    # what a real launch specializes: pointers, and sizes / strides divisible by 16
+    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_xt", "stride_xj")]
+    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(_int4_tc_triton.tc, sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": args.warps, "num_stages": args.stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def sass_of(cubin: bytes) -> str:
+    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run(
+            [str(nvdisasm), "-c", "-hex", f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+
+def _resources(cubin: bytes) -> str:
+    # "REG:168 STACK:0 SHARED:0 LOCAL:0 ..." from cuobjdump
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    m = re.search(r"(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)", out)
+    return m.group(1) if m else out
+
+
+def main_loop(sass: str) -> list[str]:
+    # instructions of the longest loop: from a label to the branch that jumps back to it
+    label_at: dict[str, int] = {}
+    instrs: list[tuple[int, str]] = []
+    for line in sass.splitlines():
+        if m := re.match(r"\s*(\.L_x_\d+):", line):
+            label_at[m.group(1)] = len(instrs)
+        elif m := re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line):
+            instrs.append((int(m.group(1), 16), m.group(2)))
+    best: list[str] = []
+    for i, (_, text) in enumerate(instrs):
+        m = re.search(r"BRA\S*\s+`\((\.L_x_\d+)\)", text)
+        if m and label_at.get(m.group(1), i + 1) <= i:
+            body = [t for _, t in instrs[label_at[m.group(1)] : i + 1]]
+            best = max(best, body, key=len)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("kernel", choices=["tc"])
+    parser.add_argument("--bn", type=int, default=64)
+    parser.add_argument("--bt", type=int, default=16)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--fused", action="store_true")
+    parser.add_argument("--pre-scale", action="store_true")
+    parser.add_argument("--prefetch", action="store_true")
+    parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
+    args = parser.parse_args()
+    k = compile_tc(args)
+    sass = sass_of(k.asm["cubin"])
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            (args.dump / f"tc.{ext}").write_text(k.asm[ext])
+        (args.dump / "tc.sass").write_text(sass)
+    print(f"{_resources(k.asm['cubin'])}  shared {k.metadata.shared} B")
+    loop = main_loop(sass)
+    ops = collections.Counter(t.split()[0].lstrip("@!P0123456789 ") for t in loop)
+    ops = collections.Counter()
+    for t in loop:
+        tok = t.split()
+        op = tok[1] if tok[0].startswith("@") else tok[0]
+        ops[op.split(".")[0]] += 1
+    print(f"main loop: {len(loop)} instructions")
+    print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(24)))
+
+
+if __name__ == "__main__":
+    main()
