@@ -20,27 +20,45 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from duoserve.quant import _int4_tc_triton
+from duoserve.quant import _int4_tc_triton, _int4_triton
 
 
 def compile_tc(args: argparse.Namespace):
     sig = {
         "xp_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
         "ws_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "N": "i32", "KW": "i32", "G": "i32",
-        "up_offset": "i32", "stride_xt": "i32", "stride_xj": "i32", "stride_yt": "i32",
-        "stride_yj": "i32", "groups_per_split": "i32",
+        "up_offset": "i32", "stride_xt": "i32", "stride_yt": "i32", "groups_per_split": "i32",
     }  # fmt: skip
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, PERMUTE_OUT=args.fused, GROUP=128, BN=args.bn,
         BT=args.bt, PRE_SCALE=args.pre_scale, USE_ASM=True, DOT_FP32=False, NS=args.stages,
-        PREFETCH=args.prefetch,
+        PREFETCH=args.prefetch, SPLIT=args.split,
     )  # fmt: skip
     for name in consts:
         sig[name] = "constexpr"
     # what a real launch specializes: pointers, and sizes / strides divisible by 16
-    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_xt", "stride_xj")]
+    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_xt")]
     attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
     src = ASTSource(_int4_tc_triton.tc, sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": args.warps, "num_stages": args.stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def compile_stream(args: argparse.Namespace):
+    sig = {
+        "xp_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
+        "T": "i32", "N": "i32", "KW": "i32", "up_offset": "i32", "stride_xp": "i32",
+        "stride_y": "i32", "stride_q": "i32", "stride_s": "i32", "magic": "i32",
+    }  # fmt: skip
+    consts = dict(
+        HAS_ZEROS=True, FUSED=args.fused, GROUP=128, BN=args.bn, G=args.bk // 128, BT=args.bt,
+        NS=args.stages, PREFETCH=args.prefetch,
+    )  # fmt: skip
+    for name in consts:
+        sig[name] = "constexpr"
+    div16 = [n for n in sig if n.endswith("_ptr") or n in ("stride_xp", "stride_q")]
+    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(_int4_triton.stream, sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": args.warps, "num_stages": args.stages}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -88,7 +106,8 @@ def main_loop(sass: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kernel", choices=["tc"])
+    parser.add_argument("kernel", choices=["tc", "stream"])
+    parser.add_argument("--bk", type=int, default=4096, help="stream: inputs per step")
     parser.add_argument("--bn", type=int, default=64)
     parser.add_argument("--bt", type=int, default=16)
     parser.add_argument("--warps", type=int, default=4)
@@ -96,9 +115,10 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--pre-scale", action="store_true")
     parser.add_argument("--prefetch", action="store_true")
+    parser.add_argument("--split", action="store_true", help="tc: compile the split-K reduction")
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
     args = parser.parse_args()
-    k = compile_tc(args)
+    k = compile_tc(args) if args.kernel == "tc" else compile_stream(args)
     sass = sass_of(k.asm["cubin"])
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)

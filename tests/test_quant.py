@@ -393,6 +393,8 @@ INTERPRETER_CASES = [
     (KernelConfig("stream", 16, 128, 2, num_stages=2), 2, True),
     (KernelConfig("stream", 32, 64, 4), 3, False),
     (KernelConfig("stream", 64, 4096, 4), 4, True),
+    (KernelConfig("stream", 32, 64, 1, prefetch=True), 1, False),
+    (KernelConfig("stream", 16, 64, 2, prefetch=True), 2, True),
     (KernelConfig("gemv", 32, split_k=3, prefetch=True), 1, False),
     (KernelConfig("gemv", 64, split_k=2, unroll=2), 1, True),
     (KernelConfig("mma", 16, block_t=16, split_k=2), 3, False),

@@ -171,7 +171,7 @@ def test_tc_refuses_what_it_cannot_take() -> None:
     assert supports(128, torch.float16, "tc") and not supports(128, torch.float16, "tc_s")
     assert not supports(64, torch.bfloat16) and not supports(384, torch.bfloat16)
     buffer, layout = _expert(256, 128, False, torch.float16, "cpu")
-    x = permute_x(torch.zeros(1, 256, dtype=torch.bfloat16))
+    x = permute_x(torch.zeros(1, 256, dtype=torch.bfloat16), 128)
     y = torch.empty(1, 128, dtype=torch.bfloat16)
     with pytest.raises(AssertionError, match="bf16 scales"):
         launch_tc(KernelConfig("tc_s", 64, block_t=16), x, layout.gate_up_views(buffer), 128, y,

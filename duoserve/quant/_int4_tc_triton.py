@@ -3,11 +3,12 @@
 Shapes: T tokens, N weight rows, K inputs, KW = K / 8 int32 words per row, WG = GROUP / 8 words
 per group (GROUP >= 128, so one group is at least one MMA K step of 16 per nibble plane).
 
-The K order of a dot product is free, so x is permuted instead of W: x' [T, 8, KW] with
-x'[t, j, w] = x[t, 8w + j]. Nibble plane j of a [BN, WG] word tile is then multiplied with
-x'_j [BT, WG]; a group is 8 MMAs of K = WG:
+The K order of a dot product is free, so x is permuted instead of W, plane-major within each
+group: x'[t, GROUP g + WG j + w] = x[t, GROUP g + 8 w + j]. Nibble plane j of a group's
+[BN, WG] word tile then meets x' columns WG j .. WG j + WG - 1; the 8 planes side by side are
+the group's [BN, GROUP] operand, one dot per group:
 
-    acc_g [BN, BT] = sum_j plane_j [BN, WG] @ x'_j^T [WG, BT]     (tensor cores, fp32)
+    acc_g [BN, BT] = [plane_0 | ... | plane_7] @ x'_g^T            (tensor cores, fp32)
     acc += s[:, None] * acc_g                                     (DEFERRED: once per group)
 
 The weights are the MMA's A operand (rows = M, tokens = N: the swap-AB shape for few tokens),
@@ -104,32 +105,33 @@ def _plane(w, z, s, j: tl.constexpr, PRE_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _mma(acc, a, b, DOT_FP32: tl.constexpr):
-    # acc [BN, BT] += a [BN, WG] @ b^T (b [BT, WG]); the interpreter's bf16 dot is broken
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
-    return tl.dot(a, tl.trans(b), acc)
+def _concat_planes(p0, p1, p2, p3, p4, p5, p6, p7, BN: tl.constexpr, WG: tl.constexpr):
+    # 8 planes [BN, WG] -> [BN, 8 WG] with column 16 j + w = plane j, word w. Each MMA K step of
+    # 16 is one plane, so the join / permute / reshape moves no data: the planes stay in the
+    # registers the MMA reads them from (sm_90 SASS: no shared memory round trip)
+    a = tl.join(
+        tl.join(tl.join(p0, p1), tl.join(p2, p3)), tl.join(tl.join(p4, p5), tl.join(p6, p7))
+    )
+    a = tl.permute(a, (0, 4, 3, 2, 1))  # [BN, WG, j0, j1, j2] -> [BN, j2, j1, j0, WG]
+    return tl.reshape(a, (BN, 8 * WG))
 
 
 @triton.jit
-def _group(acc, w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, PRE_SCALE: tl.constexpr,
-           USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
-    # one group of BN rows: acc [BN, BT] += W_g @ x_g^T (see the module docstring)
+def _group(acc, w, s, z, x, PRE_SCALE: tl.constexpr, USE_ASM: tl.constexpr,
+           DOT_FP32: tl.constexpr):  # fmt: skip
+    # one group of BN rows: acc [BN, BT] += W_g @ x_g^T, x [BT, 8 WG] in plane-major order.
+    # One dot per group, a fresh accumulator: its 8 MMAs issue back to back (an accumulator
+    # carried across groups, or zeroed by plain moves, makes ptxas serialize the wgmmas)
     p0, p1, p2, p3, p4, p5, p6, p7 = _planes(w, z, s, PRE_SCALE, USE_ASM)
-    if PRE_SCALE:
-        part = acc
+    a = _concat_planes(p0, p1, p2, p3, p4, p5, p6, p7, w.shape[0], w.shape[1])
+    if PRE_SCALE:  # one accumulator over all of K (half the registers: larger tiles)
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+        return tl.dot(a, tl.trans(x), acc)
+    if DOT_FP32:  # the interpreter's bf16 dot is broken: same values as fp32 operands
+        part = tl.dot(a.to(tl.float32), tl.trans(x.to(tl.float32)))
     else:
-        part = tl.zeros_like(acc)
-    part = _mma(part, p0, x0, DOT_FP32)
-    part = _mma(part, p1, x1, DOT_FP32)
-    part = _mma(part, p2, x2, DOT_FP32)
-    part = _mma(part, p3, x3, DOT_FP32)
-    part = _mma(part, p4, x4, DOT_FP32)
-    part = _mma(part, p5, x5, DOT_FP32)
-    part = _mma(part, p6, x6, DOT_FP32)
-    part = _mma(part, p7, x7, DOT_FP32)
-    if PRE_SCALE:
-        return part
+        part = tl.dot(a, tl.trans(x))
     return acc + s.to(tl.float32)[:, None] * part
 
 
@@ -146,10 +148,12 @@ def _sz(s_ptrs, z_ptrs, g, HAS_ZEROS: tl.constexpr):
 
 @triton.jit
 def _finish(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N, T_pad,
-            stride_yt, stride_yj, FUSED: tl.constexpr, PERMUTE_OUT: tl.constexpr):  # fmt: skip
-    # sum the K splits (the last program of a tile to arrive), silu(gate) * up, store
+            stride_yt, FUSED: tl.constexpr, PERMUTE_OUT: tl.constexpr, GROUP: tl.constexpr,
+            SPLIT: tl.constexpr):  # fmt: skip
+    # sum the K splits (the last program of a tile to arrive), silu(gate) * up, store. SPLIT is
+    # a constexpr: without splits the reduction code (and its registers) is not compiled
     num_splits = tl.num_programs(2)
-    if num_splits > 1:
+    if SPLIT:
         # ws [splits, 2, T_pad, N] fp32; cnt [tiles] int32, zero between launches
         mask = row_mask[:, None] & t_mask[None, :]
         offs = tokens[None, :].to(tl.int64) * N + rows[:, None]
@@ -169,21 +173,21 @@ def _finish(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N
                 if FUSED:
                     acc2 += tl.load(part + T_pad * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)  # reset for the next launch
-            _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, stride_yj, FUSED,
-                 PERMUTE_OUT)  # fmt: skip
+            _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, FUSED,
+                 PERMUTE_OUT, GROUP)  # fmt: skip
     else:
-        _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, stride_yj, FUSED,
-             PERMUTE_OUT)  # fmt: skip
+        _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, FUSED, PERMUTE_OUT,
+             GROUP)  # fmt: skip
 
 
 @triton.jit
-def _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, stride_yj,
-         FUSED: tl.constexpr, PERMUTE_OUT: tl.constexpr):  # fmt: skip
-    # acc (gate), acc2 (up) fp32 [BN, BT] -> y[t, n] or, PERMUTE_OUT, x'[t, n % 8, n // 8]
+def _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, FUSED: tl.constexpr,
+         PERMUTE_OUT: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
+    # acc (gate), acc2 (up) fp32 [BN, BT] -> y[t, n] or, PERMUTE_OUT, the next launch's x'
     if FUSED:
         acc = acc * tl.sigmoid(acc) * acc2
-    if PERMUTE_OUT:
-        col = (rows % 8) * stride_yj + rows // 8
+    if PERMUTE_OUT:  # n = GROUP g + 8 w + j goes to GROUP g + (GROUP / 8) j + w
+        col = (rows // GROUP) * GROUP + (rows % 8) * (GROUP // 8) + (rows % GROUP) // 8
     else:
         col = rows
     ptrs = y_ptr + tokens[None, :].to(tl.int64) * stride_yt + col[:, None]
@@ -191,11 +195,11 @@ def _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, stride_yj,
 
 
 @triton.jit(do_not_specialize=["T", "groups_per_split"])
-def tc(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, KW, G, up_offset,
-       stride_xt, stride_xj, stride_yt, stride_yj, groups_per_split, HAS_ZEROS: tl.constexpr,
-       FUSED: tl.constexpr, PERMUTE_OUT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
-       BT: tl.constexpr, PRE_SCALE: tl.constexpr, USE_ASM: tl.constexpr,
-       DOT_FP32: tl.constexpr, NS: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+def tc(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, KW, G, up_offset, stride_xt,
+       stride_yt, groups_per_split, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+       PERMUTE_OUT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+       PRE_SCALE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
+       NS: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
     # y = x @ W^T from x' (see the module docstring); FUSED: silu(gate) * up with up rows at
     # up_offset. grid (N / BN, T / BT, splits); split k covers groups_per_split groups.
     WG: tl.constexpr = GROUP // 8
@@ -206,10 +210,11 @@ def tc(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, KW, G, up_off
     t_mask = tokens < T
     tok = tl.where(t_mask, tokens, 0).to(tl.int64)
     words = tl.arange(0, WG)
-    # padding tokens (a decode tile of 16 holds 1..16) read nothing: cp.async zero-fills them
-    x_mask = (tokens < T)[:, None] & (words < WG)[None, :]
+    ks = tl.arange(0, GROUP)
     q_ptrs = qw_ptr + rows[:, None] * KW + words[None, :]  # [BN, WG]
-    x_ptrs = xp_ptr + tok[:, None] * stride_xt + words[None, :]  # [BT, WG], plane 0
+    x_ptrs = xp_ptr + tok[:, None] * stride_xt + ks[None, :]  # [BT, GROUP]
+    # padding tokens (a decode tile of 16 holds 1..16) read nothing: cp.async zero-fills them
+    x_mask = t_mask[:, None] & (ks < GROUP)[None, :]
     s_ptrs = s_ptr + rows * G
     z_ptrs = z_ptr + rows * G
     up = up_offset * KW
@@ -233,26 +238,16 @@ def tc(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, KW, G, up_off
             s, z = _sz(s_ptrs, z_ptrs, g, HAS_ZEROS)
             if FUSED:
                 s2, z2 = _sz(s_ptrs + up_sz, z_ptrs + up_sz, g, HAS_ZEROS)
-        xo = x_ptrs + g * WG
-        x0 = tl.load(xo, mask=x_mask, other=0.0)
-        x1 = tl.load(xo + stride_xj, mask=x_mask, other=0.0)
-        x2 = tl.load(xo + 2 * stride_xj, mask=x_mask, other=0.0)
-        x3 = tl.load(xo + 3 * stride_xj, mask=x_mask, other=0.0)
-        x4 = tl.load(xo + 4 * stride_xj, mask=x_mask, other=0.0)
-        x5 = tl.load(xo + 5 * stride_xj, mask=x_mask, other=0.0)
-        x6 = tl.load(xo + 6 * stride_xj, mask=x_mask, other=0.0)
-        x7 = tl.load(xo + 7 * stride_xj, mask=x_mask, other=0.0)
+        x = tl.load(x_ptrs + g * GROUP, mask=x_mask, other=0.0)
         w = tl.load(q_ptrs + g * WG)
-        acc = _group(acc, w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, PRE_SCALE, USE_ASM,
-                     DOT_FP32)  # fmt: skip
+        acc = _group(acc, w, s, z, x, PRE_SCALE, USE_ASM, DOT_FP32)
         if FUSED:
             w2 = tl.load(q_ptrs + up + g * WG)
-            acc2 = _group(acc2, w2, s2, z2, x0, x1, x2, x3, x4, x5, x6, x7, PRE_SCALE, USE_ASM,
-                          DOT_FP32)  # fmt: skip
+            acc2 = _group(acc2, w2, s2, z2, x, PRE_SCALE, USE_ASM, DOT_FP32)
         if PREFETCH:
             s, z = s_next, z_next
             if FUSED:
                 s2, z2 = s2_next, z2_next
     T_pad = tl.num_programs(1) * BT
     _finish(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N, T_pad,
-            stride_yt, stride_yj, FUSED, PERMUTE_OUT)  # fmt: skip
+            stride_yt, FUSED, PERMUTE_OUT, GROUP, SPLIT)  # fmt: skip

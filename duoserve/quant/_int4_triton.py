@@ -97,43 +97,79 @@ def _tok_acc(acc, p, s, z, xsum_ptrs, t: tl.constexpr, T, stride_xp, ok):
 
 
 @triton.jit
+def _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0, KW, HAS_ZEROS: tl.constexpr,
+                 WG: tl.constexpr):  # fmt: skip
+    # the [G, BN, WG] words, [G, BN, 1] scales and zero points (fp32) of the step at word kw0;
+    # whole groups past the end are masked (no traffic), so loads stay 16-byte
+    ok = kw0 // WG + g_ids < KW // WG  # [G, 1, 1]
+    q = tl.load(q_ptrs + kw0, mask=ok, other=0)
+    s = tl.load(s_ptr + sz_offs + kw0 // WG, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + sz_offs + kw0 // WG, mask=ok, other=0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s) + 8.0
+    return q, s, z
+
+
+@triton.jit
+def _stream_step(acc0, acc1, acc2, acc3, q, s, z, xp_ptr, word, kw0, ok, T, stride_xp, magic,
+                 BT: tl.constexpr):  # fmt: skip
+    # acc_t [G, BN, WG] += s * (sum_j q_j x'_j - z * sum_j x_j) over one step, tokens t < BT
+    zero = tl.zeros(q.shape, tl.float32)
+    q_hi = q >> 12
+    p0, p1, p2, p3 = zero, zero, zero, zero
+    for j in tl.static_range(8):
+        f = _nibble(q, q_hi, j, magic)
+        xj_ptrs = xp_ptr + j * stride_xp + kw0 + word
+        p0 = _tok_dot(p0, f, xj_ptrs, 0, T, stride_xp, ok)
+        if BT > 1:
+            p1 = _tok_dot(p1, f, xj_ptrs, 1, T, stride_xp, ok)
+        if BT > 2:
+            p2 = _tok_dot(p2, f, xj_ptrs, 2, T, stride_xp, ok)
+            p3 = _tok_dot(p3, f, xj_ptrs, 3, T, stride_xp, ok)
+    xsum_ptrs = xp_ptr + 8 * stride_xp + kw0 + word
+    acc0 = _tok_acc(acc0, p0, s, z, xsum_ptrs, 0, T, stride_xp, ok)
+    if BT > 1:
+        acc1 = _tok_acc(acc1, p1, s, z, xsum_ptrs, 1, T, stride_xp, ok)
+    if BT > 2:
+        acc2 = _tok_acc(acc2, p2, s, z, xsum_ptrs, 2, T, stride_xp, ok)
+        acc3 = _tok_acc(acc3, p3, s, z, xsum_ptrs, 3, T, stride_xp, ok)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, T, KW, stride_xp, stride_q, stride_s, magic,
                  HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr,
-                 BT: tl.constexpr, NS: tl.constexpr):  # fmt: skip
-    # rows [BN] -> y_t [BN] = sum_k W[rows, k] x_t[k] for tokens t < BT (zeros for t >= T)
+                 BT: tl.constexpr, NS: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    # rows [BN] -> y_t [BN] = sum_k W[rows, k] x_t[k] for tokens t < BT (zeros for t >= T).
+    # PREFETCH: the next step's tile loads into registers before this step computes, so a
+    # program keeps its loads in flight while it computes (NS > 1 goes through shared memory)
     WG: tl.constexpr = GROUP // 8
+    STEP: tl.constexpr = G * WG
     g_ids = tl.arange(0, G)[:, None, None]
     word = g_ids * WG + tl.arange(0, WG)[None, None, :]  # [G, 1, WG]
     q_ptrs = q_ptr + rows[None, :, None] * stride_q + word  # [G, BN, WG]
     sz_offs = rows[None, :, None] * stride_s + g_ids  # [G, BN, 1]
     zero = tl.zeros([G, rows.shape[0], WG], tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero
-    for kw0 in tl.range(0, KW, G * WG, num_stages=NS):
-        ok = kw0 // WG + g_ids < KW // WG  # [G, 1, 1]: whole groups, so loads stay 16-byte
-        q = tl.load(q_ptrs + kw0, mask=ok, other=0)
-        s = tl.load(s_ptr + sz_offs + kw0 // WG, mask=ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + sz_offs + kw0 // WG, mask=ok, other=0).to(tl.float32)
-        else:
-            z = tl.zeros_like(s) + 8.0
-        q_hi = q >> 12
-        p0, p1, p2, p3 = zero, zero, zero, zero
-        for j in tl.static_range(8):
-            f = _nibble(q, q_hi, j, magic)
-            xj_ptrs = xp_ptr + j * stride_xp + kw0 + word
-            p0 = _tok_dot(p0, f, xj_ptrs, 0, T, stride_xp, ok)
-            if BT > 1:
-                p1 = _tok_dot(p1, f, xj_ptrs, 1, T, stride_xp, ok)
-            if BT > 2:
-                p2 = _tok_dot(p2, f, xj_ptrs, 2, T, stride_xp, ok)
-                p3 = _tok_dot(p3, f, xj_ptrs, 3, T, stride_xp, ok)
-        xsum_ptrs = xp_ptr + 8 * stride_xp + kw0 + word
-        acc0 = _tok_acc(acc0, p0, s, z, xsum_ptrs, 0, T, stride_xp, ok)
-        if BT > 1:
-            acc1 = _tok_acc(acc1, p1, s, z, xsum_ptrs, 1, T, stride_xp, ok)
-        if BT > 2:
-            acc2 = _tok_acc(acc2, p2, s, z, xsum_ptrs, 2, T, stride_xp, ok)
-            acc3 = _tok_acc(acc3, p3, s, z, xsum_ptrs, 3, T, stride_xp, ok)
+    if PREFETCH:
+        q, s, z = _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, 0, KW, HAS_ZEROS, WG)
+        for kw0 in range(0, KW, STEP):
+            q_n, s_n, z_n = _stream_tile(
+                q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0 + STEP, KW, HAS_ZEROS, WG
+            )
+            ok = kw0 // WG + g_ids < KW // WG
+            acc0, acc1, acc2, acc3 = _stream_step(
+                acc0, acc1, acc2, acc3, q, s, z, xp_ptr, word, kw0, ok, T, stride_xp, magic, BT
+            )
+            q, s, z = q_n, s_n, z_n
+    else:
+        for kw0 in tl.range(0, KW, STEP, num_stages=NS):
+            q, s, z = _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0, KW, HAS_ZEROS, WG)
+            ok = kw0 // WG + g_ids < KW // WG
+            acc0, acc1, acc2, acc3 = _stream_step(
+                acc0, acc1, acc2, acc3, q, s, z, xp_ptr, word, kw0, ok, T, stride_xp, magic, BT
+            )
     return (
         tl.sum(tl.sum(acc0, axis=2), axis=0),
         tl.sum(tl.sum(acc1, axis=2), axis=0),
@@ -156,7 +192,7 @@ def _stream_store(y_ptr, out, up, rows, row_mask, t: tl.constexpr, T, stride_y,
 def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_xp, stride_y,
            stride_q, stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
            GROUP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
-           NS: tl.constexpr):  # fmt: skip
+           NS: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x); FUSED: silu(gate) *
     # up, up rows at up_offset (a second pass over the same x'). grid (N / BN,)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -164,13 +200,13 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_xp, 
     rows = tl.where(row_mask, rows, 0).to(tl.int64)  # clamped: loads stay in bounds
     o0, o1, o2, o3 = _stream_pass(
         xp_ptr, qw_ptr, s_ptr, z_ptr, rows, T, KW, stride_xp, stride_q, stride_s, magic,
-        HAS_ZEROS, GROUP, G, BT, NS,
+        HAS_ZEROS, GROUP, G, BT, NS, PREFETCH,
     )  # fmt: skip
     u0, u1, u2, u3 = o0, o1, o2, o3
     if FUSED:
         u0, u1, u2, u3 = _stream_pass(
             xp_ptr, qw_ptr, s_ptr, z_ptr, rows + up_offset, T, KW, stride_xp, stride_q, stride_s,
-            magic, HAS_ZEROS, GROUP, G, BT, NS,
+            magic, HAS_ZEROS, GROUP, G, BT, NS, PREFETCH,
         )  # fmt: skip
     _stream_store(y_ptr, o0, u0, rows, row_mask, 0, T, stride_y, FUSED)
     if BT > 1:

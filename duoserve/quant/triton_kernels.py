@@ -41,9 +41,9 @@ STREAM_MAX_TOKENS = 4  # the stream kernel's largest token tile
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters of one kernel. block_k: K inputs per loop step (stream only; the other
-    kernels step one group); block_t: tokens per program; split_k: K splits (gemv/mma; 0: about
-    4 programs per SM); unroll: groups per step (gemv/mma/dequant); prefetch: gemv loads the
-    next group while computing this one."""
+    kernels step one group); block_t: tokens per program; split_k: K splits (gemv/mma/tc; 0:
+    about 4 programs per SM); unroll: groups per step (gemv/mma/dequant); prefetch: gemv and
+    stream load the next step while computing this one, tc the next group's scales."""
 
     kernel: str  # "stream" | "gemv" | "mma" | "dequant" | "w4a16" | "w4a16_b" | "tc" | "tc_s"
     block_n: int
@@ -74,12 +74,19 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(_S, 2, 4096, 1, 4, 1),
         KernelConfig(_S, 4, 1024, 1, 1, 1),
         KernelConfig(_S, 8, 1024, 1, 1, 1),
+        KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True),
+        KernelConfig(_S, 4, 2048, 1, 2, 1, prefetch=True),
+        KernelConfig(_S, 4, 4096, 1, 4, 1, prefetch=True),
+        KernelConfig(_S, 2, 1024, 1, 1, 1, prefetch=True),
+        KernelConfig(_S, 2, 1024, 1, 1, 1),
     ],
     "stream2": [
         KernelConfig(_S, 4, 4096, 2, 4, 1),
         KernelConfig(_S, 4, 4096, 2, 4, 2),
         KernelConfig(_S, 4, 2048, 2, 2, 1),
         KernelConfig(_S, 2, 4096, 2, 4, 1),
+        KernelConfig(_S, 4, 2048, 2, 2, 1, prefetch=True),
+        KernelConfig(_S, 4, 1024, 2, 1, 1, prefetch=True),
     ],
     "stream4": [
         KernelConfig(_S, 2, 4096, 4, 4, 1),
@@ -110,22 +117,18 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig("w4a16_b", 64, block_t=128, num_warps=8, num_stages=3),
         KernelConfig("w4a16_b", 128, block_t=128, num_warps=8, num_stages=3),
     ],
-    "tc": [  # tensor cores, inline-asm planes (int4_tc.py); 16-token tiles. 4 warps:
-        # wgmma (sm_90), one wait per MMA; 1-2 warps: mma.sync, no waits
-        KernelConfig("tc", 64, block_t=16, num_warps=2, num_stages=4),
-        KernelConfig("tc", 32, block_t=16, num_warps=2, num_stages=4),
-        KernelConfig("tc", 64, block_t=16, num_warps=2, num_stages=6),
-        KernelConfig("tc", 32, block_t=16, num_warps=1, num_stages=4),
-        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=3),
+    "tc": [  # tensor cores (wgmma, sm_90), inline-asm planes (int4_tc.py); 16-token tiles
         KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=4),
-        KernelConfig("tc_s", 64, block_t=16, num_warps=2, num_stages=4),
+        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=3),
+        KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=6),
+        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=4),
+        KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=4, prefetch=True),
+        KernelConfig("tc_s", 64, block_t=16, num_warps=4, num_stages=4),
     ],
-    "tc_prefill": [
-        KernelConfig("tc_s", 64, block_t=64, num_warps=4, num_stages=3),
-        KernelConfig("tc_s", 128, block_t=64, num_warps=4, num_stages=3),
-        KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=3),
+    "tc_prefill": [  # tc_s: one accumulator over K (256-token tiles spill: 5x slower)
         KernelConfig("tc_s", 64, block_t=128, num_warps=4, num_stages=3),
-        KernelConfig("tc", 64, block_t=64, num_warps=4, num_stages=3),
+        KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=3),
+        KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=4),
     ],
     "dequant": [
         KernelConfig("dequant", 64, num_warps=4),
@@ -303,7 +306,8 @@ def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
         xp, qweight, scales, z, y, t, n_out, kw, n_out, stride_xp, y.stride(0),
         qweight.stride(0), scales.stride(0), kernels.MAGIC, HAS_ZEROS=zeros is not None,
         FUSED=fused, GROUP=group_size, BN=cfg.block_n, G=groups,
-        BT=cfg.block_t, NS=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BT=cfg.block_t, NS=cfg.num_stages, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
