@@ -32,7 +32,7 @@ def compile_tc(args: argparse.Namespace):
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, PERMUTE_OUT=args.fused, GROUP=128, BN=args.bn,
         BT=args.bt, PRE_SCALE=args.pre_scale, USE_ASM=True, DOT_FP32=False, NS=args.stages,
-        PREFETCH=args.prefetch, SPLIT=args.split,
+        PREFETCH=args.prefetch, SPLIT=args.split, WIDE=args.wide,
     )  # fmt: skip
     for name in consts:
         sig[name] = "constexpr"
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--pre-scale", action="store_true")
     parser.add_argument("--prefetch", action="store_true")
+    parser.add_argument("--wide", action="store_true", help="tc: wide scale / zero loads")
     parser.add_argument("--split", action="store_true", help="tc: compile the split-K reduction")
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
     args = parser.parse_args()

@@ -144,13 +144,14 @@ def check_tc(config: KernelConfig, num_tokens: int, symmetric: bool, scale_dtype
 
 
 # (config, tokens, symmetric, scale dtype): one and several token tiles, split-K (uneven:
-# down has 3 groups), prefetched scales, fp16 scales (AWQ/GPTQ) with the deferred scale
+# down has 3 groups), prefetched and wide scale loads (3 groups: the last pair and quad are
+# partly past the row), fp16 scales (AWQ/GPTQ) with the deferred scale
 INTERPRETER_CASES = [
     (KernelConfig("tc", 64, block_t=16, num_stages=2, split_k=1), 1, False, torch.bfloat16),
     (KernelConfig("tc", 64, block_t=16, split_k=2, prefetch=True), 3, True, torch.float16),
-    (KernelConfig("tc", 128, block_t=16, split_k=3), 18, False, torch.float16),
+    (KernelConfig("tc", 128, block_t=16, split_k=3, wide_sz=True), 18, False, torch.float16),
     (KernelConfig("tc_s", 64, block_t=16, num_stages=3, split_k=2), 1, False, torch.bfloat16),
-    (KernelConfig("tc_s", 64, block_t=32, split_k=1), 40, True, torch.bfloat16),
+    (KernelConfig("tc_s", 64, block_t=32, split_k=1, wide_sz=True), 40, True, torch.bfloat16),
 ]
 
 

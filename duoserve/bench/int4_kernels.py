@@ -445,7 +445,9 @@ def _config_name(c: dict) -> str:
         return f"stream {cfg} s{c['num_stages']}"
     return (
         f"{c['kernel']} n{c['block_n']} t{c['block_t']} w{c['num_warps']} s{c['num_stages']} "
-        f"u{c['unroll']} x{c['split_k']}" + (" p" if c["prefetch"] else "")
+        f"u{c['unroll']} x{c['split_k']}"
+        + (" p" if c["prefetch"] else "")
+        + (" w" if c.get("wide_sz") else "")
     )
 
 

@@ -136,11 +136,27 @@ def _group(acc, w, s, z, x, PRE_SCALE: tl.constexpr, USE_ASM: tl.constexpr,
 
 
 @triton.jit
-def _sz(s_ptrs, z_ptrs, g, HAS_ZEROS: tl.constexpr):
-    # scales [BN] (their dtype) and zero points fp32 [BN] of group g (8 when symmetric)
-    s = tl.load(s_ptrs + g)
+def _sz(s_ptrs, z_ptrs, g, G, HAS_ZEROS: tl.constexpr, WIDE: tl.constexpr):
+    # scales fp32 [BN] (exact) and zero points fp32 [BN] of group g (8 when symmetric). WIDE:
+    # load the scales of groups 2 (g // 2) + {0, 1} (4 bytes a row) and the zero points of
+    # 4 (g // 4) + {0..3} (4 bytes), wide enough for cp.async, so the pipeliner prefetches
+    # them with the weights; the row's own group is selected in registers. Narrow: one
+    # synchronous load each, used at once (their latency is exposed every group)
+    if WIDE:
+        two = tl.arange(0, 2)
+        cols = (g // 2) * 2 + two
+        s2 = tl.load(s_ptrs[:, None] + cols[None, :], mask=(cols < G)[None, :], other=0.0)
+        s = tl.sum(tl.where((two == g % 2)[None, :], s2.to(tl.float32), 0.0), axis=1)
+    else:
+        s = tl.load(s_ptrs + g).to(tl.float32)
     if HAS_ZEROS:
-        z = tl.load(z_ptrs + g).to(tl.float32)
+        if WIDE:
+            four = tl.arange(0, 4)
+            cols = (g // 4) * 4 + four
+            z4 = tl.load(z_ptrs[:, None] + cols[None, :], mask=(cols < G)[None, :], other=0)
+            z = tl.sum(tl.where((four == g % 4)[None, :], z4.to(tl.float32), 0.0), axis=1)
+        else:
+            z = tl.load(z_ptrs + g).to(tl.float32)
     else:
         z = tl.zeros(s.shape, tl.float32) + 8.0
     return s, z
@@ -199,7 +215,8 @@ def tc(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, KW, G, up_off
        stride_yt, groups_per_split, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
        PERMUTE_OUT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
        PRE_SCALE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
-       NS: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+       NS: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+       WIDE: tl.constexpr):  # fmt: skip
     # y = x @ W^T from x' (see the module docstring); FUSED: silu(gate) * up with up rows at
     # up_offset. grid (N / BN, T / BT, splits); split k covers groups_per_split groups.
     WG: tl.constexpr = GROUP // 8
@@ -226,18 +243,18 @@ def tc(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, KW, G, up_off
     # PREFETCH: the scales and zero points of the next group load one step ahead, in registers
     # (loads this narrow are not pipelined); this pins their layout, and the planes can then
     # go through shared memory on the way to the MMA: a sweep choice
-    s, z = _sz(s_ptrs, z_ptrs, g_start, HAS_ZEROS)
-    s2, z2 = _sz(s_ptrs + up_sz, z_ptrs + up_sz, g_start, HAS_ZEROS)
+    s, z = _sz(s_ptrs, z_ptrs, g_start, G, HAS_ZEROS, WIDE)
+    s2, z2 = _sz(s_ptrs + up_sz, z_ptrs + up_sz, g_start, G, HAS_ZEROS, WIDE)
     for g in tl.range(g_start, g_end, num_stages=NS):
         if PREFETCH:
             g_next = tl.minimum(g + 1, g_end - 1)
-            s_next, z_next = _sz(s_ptrs, z_ptrs, g_next, HAS_ZEROS)
+            s_next, z_next = _sz(s_ptrs, z_ptrs, g_next, G, HAS_ZEROS, WIDE)
             if FUSED:
-                s2_next, z2_next = _sz(s_ptrs + up_sz, z_ptrs + up_sz, g_next, HAS_ZEROS)
+                s2_next, z2_next = _sz(s_ptrs + up_sz, z_ptrs + up_sz, g_next, G, HAS_ZEROS, WIDE)
         else:
-            s, z = _sz(s_ptrs, z_ptrs, g, HAS_ZEROS)
+            s, z = _sz(s_ptrs, z_ptrs, g, G, HAS_ZEROS, WIDE)
             if FUSED:
-                s2, z2 = _sz(s_ptrs + up_sz, z_ptrs + up_sz, g, HAS_ZEROS)
+                s2, z2 = _sz(s_ptrs + up_sz, z_ptrs + up_sz, g, G, HAS_ZEROS, WIDE)
         x = tl.load(x_ptrs + g * GROUP, mask=x_mask, other=0.0)
         w = tl.load(q_ptrs + g * WG)
         acc = _group(acc, w, s, z, x, PRE_SCALE, USE_ASM, DOT_FP32)

@@ -82,7 +82,8 @@ def launch_tc(cfg: KernelConfig, xp, w, group_size, y, fused: bool, permute_out:
         y.stride(0), per_split, HAS_ZEROS=zeros is not None, FUSED=fused,
         PERMUTE_OUT=permute_out, GROUP=group_size, BN=cfg.block_n, BT=cfg.block_t,
         PRE_SCALE=cfg.kernel == "tc_s", USE_ASM=not _interpreting(), DOT_FP32=_interpreting(),
-        NS=cfg.num_stages, PREFETCH=cfg.prefetch, SPLIT=splits > 1, num_warps=cfg.num_warps,
+        NS=cfg.num_stages, PREFETCH=cfg.prefetch, SPLIT=splits > 1, WIDE=cfg.wide_sz,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
 

@@ -43,7 +43,8 @@ class KernelConfig:
     """Launch parameters of one kernel. block_k: K inputs per loop step (stream only; the other
     kernels step one group); block_t: tokens per program; split_k: K splits (gemv/mma/tc; 0:
     about 4 programs per SM); unroll: groups per step (gemv/mma/dequant); prefetch: gemv and
-    stream load the next step while computing this one, tc the next group's scales."""
+    stream load the next step while computing this one, tc the next group's scales; wide_sz:
+    tc loads scales and zero points several groups wide, so they pipeline with the weights."""
 
     kernel: str  # "stream" | "gemv" | "mma" | "dequant" | "w4a16" | "w4a16_b" | "tc" | "tc_s"
     block_n: int
@@ -54,6 +55,7 @@ class KernelConfig:
     split_k: int = 0
     unroll: int = 1
     prefetch: bool = False
+    wide_sz: bool = False
 
 
 # kind -> configs; the first is the untuned default. stream tiles keep every warp on K (block_k
@@ -120,15 +122,18 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
     "tc": [  # tensor cores (wgmma, sm_90), inline-asm planes (int4_tc.py); 16-token tiles
         KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=4),
         KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=3),
-        KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=6),
-        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=4),
-        KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=4, prefetch=True),
-        KernelConfig("tc_s", 64, block_t=16, num_warps=4, num_stages=4),
+        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=3, wide_sz=True),
+        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=4, wide_sz=True),
+        KernelConfig("tc", 64, block_t=16, num_warps=4, num_stages=4, wide_sz=True),
+        KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=3, prefetch=True),
+        KernelConfig("tc_s", 128, block_t=16, num_warps=4, num_stages=3, wide_sz=True),
     ],
     "tc_prefill": [  # tc_s: one accumulator over K (256-token tiles spill: 5x slower)
         KernelConfig("tc_s", 64, block_t=128, num_warps=4, num_stages=3),
         KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=3),
         KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=4),
+        KernelConfig("tc_s", 64, block_t=128, num_warps=4, num_stages=3, wide_sz=True),
+        KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=3, wide_sz=True),
     ],
     "dequant": [
         KernelConfig("dequant", 64, num_warps=4),
