@@ -7,6 +7,7 @@
 # About 3 minutes on one H100 (most of it triton compiling ~55 kernel variants).
 # Run from the repo root; logs and JSON go to $OUT (or ./out).
 # SMOKE=1: CPU smoke test of the bench (Triton interpreter, tiny shapes); no GPU tests.
+# BENCH_ARGS: extra bench flags, e.g. "--kinds stream1,gemv,tc --tokens 1,16".
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -18,11 +19,11 @@ else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 fi
 start=$SECONDS
-"$PY" -m duoserve.bench.int4_kernels --out "$OUT/int4_kernels.json" 2>&1 | tee "$OUT/int4.log" \
+"$PY" -m duoserve.bench.int4_kernels --out "$OUT/int4_kernels.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/int4.log" \
     | grep -vE "^(mixtral|qwen3|tiny): T=" | tail -60
 rc=${PIPESTATUS[0]}
 if [ "${SMOKE:-0}" != 1 ]; then
-    "$PY" -m pytest tests/test_quant.py tests/test_quant_prefill.py -m gpu -o addopts="" -q 2>&1 | tee "$OUT/int4_tests.log" \
+    "$PY" -m pytest tests/test_quant.py tests/test_quant_prefill.py tests/test_quant_tc.py tests/test_gpu_int4.py -m gpu -o addopts="" -q 2>&1 | tee "$OUT/int4_tests.log" \
         | tail -15
     rc=$((rc | PIPESTATUS[0]))
 fi
