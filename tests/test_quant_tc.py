@@ -155,10 +155,31 @@ INTERPRETER_CASES = [
 ]
 
 
+def check_engine_entry() -> None:
+    """expert_forward_int4 takes the tc expert path where PINNED names tc for both matrices."""
+    from duoserve.quant import triton_kernels as tk
+    from duoserve.quant.int4 import expert_forward_int4_reference
+
+    buffer, layout = _expert(256, 384, False, torch.bfloat16, "cpu")
+    config = KernelConfig("tc", 64, block_t=16, split_k=2)
+    keys = [(768, 256, True, 4), (256, 384, False, 4)]  # gate/up, down at the bucket of 3
+    assert tk._decode_tc_configs(3, layout) is None
+    tk.PINNED.update(dict.fromkeys(keys, config))
+    try:
+        assert tk._decode_tc_configs(3, layout) == (config, config)
+        x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+        got = tk.expert_forward_int4(x, buffer, layout, backend="triton")
+        assert _rel(got, expert_forward_int4_reference(x, buffer, layout)) < 1e-2
+    finally:
+        for key in keys:
+            tk.PINNED.pop(key)
+
+
 def run_interpreter_checks() -> None:
     """See test_tc_interpreted (TRITON_INTERPRET=1 must be set before triton is imported)."""
     for config, num_tokens, symmetric, scale_dtype in INTERPRETER_CASES:
         check_tc(config, num_tokens, symmetric, scale_dtype, "cpu")
+    check_engine_entry()
 
 
 @needs_triton

@@ -563,6 +563,23 @@ def _prefill_w4a16_configs(num_tokens: int, layout: Int4ExpertLayout):
     return tuple(configs)
 
 
+def _decode_tc_configs(num_tokens: int, layout: Int4ExpertLayout):
+    # (gate/up, down) when PINNED names the tc kernel for both matrices at this token bucket
+    h, i = layout.hidden_size, layout.intermediate_size
+    bucket = token_bucket(num_tokens)
+    configs = tuple(PINNED.get((*key, bucket)) for key in ((2 * i, h, True), (h, i, False)))
+    if any(c is None or c.kernel not in ("tc", "tc_s") for c in configs):
+        return None
+    from duoserve.quant.int4_tc import supports
+
+    scale_dtype = layout.scale_torch_dtype
+    return (
+        configs
+        if all(supports(layout.group_size, scale_dtype, c.kernel) for c in configs)
+        else None
+    )
+
+
 def expert_forward_int4(
     x: torch.Tensor,
     buffer: torch.Tensor,
@@ -573,12 +590,19 @@ def expert_forward_int4(
 ) -> torch.Tensor:
     """down(silu(gate x) * up x) [T, H] for one int4 expert buffer.
 
-    Triton, T <= MAX_DECODE_TOKENS: the fused kernels (no bf16 copy of the weights); more
+    Triton, T <= MAX_DECODE_TOKENS: the fused kernels (no bf16 copy of the weights; where
+    PINNED names tc for both matrices, int4_tc.expert_forward_tc: one permute); more
     tokens: see PREFILL_MODE ("dequant" dequantizes into `scratch`, bf16, >= prefill_scratch_numel
     elements, allocated when None, and uses cuBLAS). Torch: the reference.
     """
     g = layout.group_size
     small = x.shape[0] <= MAX_DECODE_TOKENS
+    if small and _use_triton(x, backend):
+        tc = _decode_tc_configs(x.shape[0], layout)
+        if tc is not None:  # one permute; gate/up writes down's input order directly
+            from duoserve.quant.int4_tc import expert_forward_tc
+
+            return expert_forward_tc(x, buffer, layout, *tc)
     if not small and _use_triton(x, backend):
         w4a16 = _prefill_w4a16_configs(x.shape[0], layout)
         if w4a16 is not None:
