@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from duoserve.quant._int4_triton import _round
+from duoserve.quant._int4_triton import _round, _sum_splits
 
 
 def _planes_asm(pre_scale: bool) -> str:
@@ -168,27 +168,12 @@ def _finish(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N
             SPLIT: tl.constexpr):  # fmt: skip
     # sum the K splits (the last program of a tile to arrive), silu(gate) * up, store. SPLIT is
     # a constexpr: without splits the reduction code (and its registers) is not compiled
-    num_splits = tl.num_programs(2)
     if SPLIT:
-        # ws [splits, 2, T_pad, N] fp32; cnt [tiles] int32, zero between launches
         mask = row_mask[:, None] & t_mask[None, :]
-        offs = tokens[None, :].to(tl.int64) * N + rows[:, None]
-        part = ws_ptr + tl.program_id(2) * 2 * T_pad * N + offs
-        tl.store(part, acc, mask=mask)
-        if FUSED:
-            tl.store(part + T_pad * N, acc2, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == num_splits - 1:
-            acc = tl.zeros_like(acc)
-            acc2 = tl.zeros_like(acc2)
-            for k in range(num_splits):
-                part = ws_ptr + k * 2 * T_pad * N + offs
-                acc += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-                if FUSED:
-                    acc2 += tl.load(part + T_pad * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile, 0)  # reset for the next launch
+        last, acc, acc2 = _sum_splits(
+            acc, acc2, ws_ptr, cnt_ptr, rows, tokens, mask, N, T_pad, FUSED
+        )  # fmt: skip
+        if last:
             _out(y_ptr, acc, acc2, rows, row_mask, tokens, t_mask, stride_yt, FUSED,
                  PERMUTE_OUT, GROUP)  # fmt: skip
     else:

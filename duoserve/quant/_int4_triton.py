@@ -316,37 +316,43 @@ def _gemv_rows(x_ptr, stride_x, q_ptr, s_ptr, z_ptr, rows, g_start, g_end, K, T,
 
 
 @triton.jit
+def _sum_splits(acc, acc2, ws_ptr, cnt_ptr, rows, tokens, mask, N, T_pad, FUSED: tl.constexpr):
+    # split-K: store this program's fp32 partials (acc, acc2 [BN, BT]); the last program of the
+    # tile to arrive (counted with an atomic) gets every split's sum. -> (last, acc, acc2)
+    # ws [splits, 2, T_pad, N] fp32; cnt [tiles] int32, zero between launches
+    num_splits = tl.num_programs(2)
+    offs = tokens[None, :].to(tl.int64) * N + rows[:, None]
+    part = ws_ptr + tl.program_id(2) * 2 * T_pad * N + offs
+    tl.store(part, acc, mask=mask)
+    if FUSED:
+        tl.store(part + T_pad * N, acc2, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == num_splits - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        acc2 = tl.zeros_like(acc2)
+        for k in range(num_splits):
+            part = ws_ptr + k * 2 * T_pad * N + offs
+            acc += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            if FUSED:
+                acc2 += tl.load(part + T_pad * N, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0)  # reset for the next launch
+    return last, acc, acc2
+
+
+@triton.jit
 def _epilogue(acc, acc2, y_ptr, ws_ptr, cnt_ptr, rows, row_mask, tokens, t_mask, N, stride_y,
               FUSED: tl.constexpr):  # fmt: skip
-    # acc, acc2 [BN, BT] fp32 -> y[tokens, rows]. With several K splits, the last program of a
-    # tile to arrive (counted with an atomic) sums every split's fp32 partial and writes y.
+    # acc, acc2 [BN, BT] fp32 -> y[tokens, rows], summing the K splits first (_sum_splits)
     mask = row_mask[:, None] & t_mask[None, :]
-    num_splits = tl.num_programs(2)
-    if num_splits > 1:
-        # ws [splits, 2, T_pad, N] fp32; cnt [tiles] int32, zero between launches
+    last = True
+    if tl.num_programs(2) > 1:
         t_pad = tl.num_programs(1) * acc.shape[1]
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        offs = tokens[None, :].to(tl.int64) * N + rows[:, None]
-        part = ws_ptr + tl.program_id(2) * 2 * t_pad * N + offs
-        tl.store(part, acc, mask=mask)
-        if FUSED:
-            tl.store(part + t_pad * N, acc2, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == num_splits - 1:
-            acc = tl.zeros_like(acc)
-            acc2 = tl.zeros_like(acc2)
-            for k in range(num_splits):
-                part = ws_ptr + k * 2 * t_pad * N + offs
-                acc += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-                if FUSED:
-                    acc2 += tl.load(part + t_pad * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile, 0)  # reset for the next launch
-            if FUSED:
-                acc = acc * tl.sigmoid(acc) * acc2
-            y_ptrs = y_ptr + tokens[None, :].to(tl.int64) * stride_y + rows[:, None]
-            tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty), mask=mask)
-    else:
+        last, acc, acc2 = _sum_splits(
+            acc, acc2, ws_ptr, cnt_ptr, rows, tokens, mask, N, t_pad, FUSED
+        )  # fmt: skip
+    if last:
         if FUSED:
             acc = acc * tl.sigmoid(acc) * acc2
         y_ptrs = y_ptr + tokens[None, :].to(tl.int64) * stride_y + rows[:, None]
