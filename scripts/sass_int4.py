@@ -128,7 +128,6 @@ def main() -> None:
         (args.dump / "tc.sass").write_text(sass)
     print(f"{_resources(k.asm['cubin'])}  shared {k.metadata.shared} B")
     loop = main_loop(sass)
-    ops = collections.Counter(t.split()[0].lstrip("@!P0123456789 ") for t in loop)
     ops = collections.Counter()
     for t in loop:
         tok = t.split()

@@ -15,17 +15,17 @@ The weights are the MMA's A operand (rows = M, tokens = N: the swap-AB shape for
 built in registers from the word tile in the layout the MMA reads, so the words go global ->
 shared (cp.async, pipelined) -> registers and are never written back. Per two words (16
 weights) one inline-asm block (`_PLANES`) makes all 8 planes as bf16 pairs: 2 PRMT (the low and
-high halves of both words side by side), 2 shifts, 8 LOP3 ((bits & mask) | 0x4300: the bf16
-128 + q, or 128 + 16 q for odd nibbles) and 8 FMA.BF16x2 that subtract the zero point exactly
-((128 + q) - (128 + z), (128 + 16 q) / 16 - (8 + z)): 1.25 instructions per weight, against 4.0
-for the FMA-unit `stream` kernel. q - z is a small integer, exact in bf16.
+high halves of both words side by side), 6 shifts, 8 LOP3 ((bits & 0xf) | 0x4300: the bf16
+128 + q) and 8 FMA.BF16x2 adding -(128 + z): 1.5 instructions per weight, against 4.0 for the
+FMA-unit `stream` kernel. q - z is a small integer, exact in bf16. (Every odd nibble is
+shifted down: OR-ing bits 4..7 into a bf16 would reach the exponent's lowest bit.)
 
 - DEFERRED (any scale dtype): the scale multiplies the fp32 group accumulator, so the result
   is that of the exact fp32 weights (like the other fused kernels). Costs BT / WG FMAs per
   weight and a wait for the group's MMAs: for decode tiles (BT = 16).
 - PRE_SCALE (bf16 scales): one more FMA.BF16x2 makes (q - z) * s rounded to bf16, bit for bit
   the weights `dequantize_int4` gives; one accumulator over all of K, so the MMAs pipeline
-  across groups: for prefill tiles (BT = 64..256).
+  across groups: for prefill tiles (BT = 64..128; 256 spills).
 
 USE_ASM False computes the same planes with triton ops (the interpreter cannot run PTX).
 The grid is (row blocks, token blocks, K splits); several splits sum through an fp32
@@ -136,27 +136,26 @@ def _group(acc, w, s, z, x, PRE_SCALE: tl.constexpr, USE_ASM: tl.constexpr,
 
 
 @triton.jit
+def _group_value(ptrs, g, G, WIDTH: tl.constexpr):
+    # fp32 [BN] = ptrs[row][g]. WIDTH > 1: load WIDTH groups' values of each row (WIDTH bytes
+    # of zero points, 2 WIDTH of scales: >= 4, wide enough for cp.async, so the pipeliner
+    # prefetches them with the weights) and select the row's group in registers. WIDTH 1: one
+    # synchronous load, used at once (its latency is exposed every group)
+    if WIDTH == 1:
+        return tl.load(ptrs + g).to(tl.float32)
+    lanes = tl.arange(0, WIDTH)
+    cols = (g // WIDTH) * WIDTH + lanes
+    wide = tl.load(ptrs[:, None] + cols[None, :], mask=(cols < G)[None, :], other=0)
+    return tl.sum(tl.where((lanes == g % WIDTH)[None, :], wide.to(tl.float32), 0.0), axis=1)
+
+
+@triton.jit
 def _sz(s_ptrs, z_ptrs, g, G, HAS_ZEROS: tl.constexpr, WIDE: tl.constexpr):
-    # scales fp32 [BN] (exact) and zero points fp32 [BN] of group g (8 when symmetric). WIDE:
-    # load the scales of groups 2 (g // 2) + {0, 1} (4 bytes a row) and the zero points of
-    # 4 (g // 4) + {0..3} (4 bytes), wide enough for cp.async, so the pipeliner prefetches
-    # them with the weights; the row's own group is selected in registers. Narrow: one
-    # synchronous load each, used at once (their latency is exposed every group)
-    if WIDE:
-        two = tl.arange(0, 2)
-        cols = (g // 2) * 2 + two
-        s2 = tl.load(s_ptrs[:, None] + cols[None, :], mask=(cols < G)[None, :], other=0.0)
-        s = tl.sum(tl.where((two == g % 2)[None, :], s2.to(tl.float32), 0.0), axis=1)
-    else:
-        s = tl.load(s_ptrs + g).to(tl.float32)
+    # scales fp32 [BN] (exact) and zero points fp32 [BN] of group g (8 when symmetric); WIDE:
+    # 2 groups of scales and 4 of zero points a load (see _group_value)
+    s = _group_value(s_ptrs, g, G, 2 if WIDE else 1)
     if HAS_ZEROS:
-        if WIDE:
-            four = tl.arange(0, 4)
-            cols = (g // 4) * 4 + four
-            z4 = tl.load(z_ptrs[:, None] + cols[None, :], mask=(cols < G)[None, :], other=0)
-            z = tl.sum(tl.where((four == g % 4)[None, :], z4.to(tl.float32), 0.0), axis=1)
-        else:
-            z = tl.load(z_ptrs + g).to(tl.float32)
+        z = _group_value(z_ptrs, g, G, 4 if WIDE else 1)
     else:
         z = tl.zeros(s.shape, tl.float32) + 8.0
     return s, z

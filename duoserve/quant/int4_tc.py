@@ -5,7 +5,7 @@ x'[t, group g + (group / 8) j + w] = x[t, group g + 8 w + j]; the gate/up launch
 activation straight into the down launch's x' layout, so an expert is one
 permute and two launches. "tc" applies the scale to each group's fp32 accumulator (exact fp32
 weights, any scale dtype); "tc_s" folds bf16 scales into the bf16 weights, bit for bit those of
-`dequantize_int4` (a decode tile is BT = 16 tokens; a prefill tile 64..256).
+`dequantize_int4` (a decode tile is BT = 16 tokens; a prefill tile 64..128).
 """
 
 from __future__ import annotations
