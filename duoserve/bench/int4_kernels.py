@@ -236,6 +236,16 @@ def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, 
     return rows, dict(shape=name, **prefill, **_bench_tc_experts(layout, buffer, w_gu, w_d, rows))
 
 
+def _bf16_expert(x: torch.Tensor):
+    """(w_gate_up [2I, H], w_down [H, I]) -> the bf16 expert on x through cuBLAS."""
+
+    def expert(w_gu: torch.Tensor, w_d: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ w_gu.T).chunk(2, dim=1)
+        return (F.silu(gate) * up) @ w_d.T
+
+    return expert
+
+
 def _bench_tc_experts(layout, buffer, w_gu, w_d, rows) -> dict:
     """The whole expert (permute + gate/up + silu + down, int4_tc.expert_forward_tc) with the
     fastest tc configs of each op, at every token count, next to the bf16 cuBLAS expert."""
@@ -249,8 +259,7 @@ def _bench_tc_experts(layout, buffer, w_gu, w_d, rows) -> dict:
         x = torch.randn(t, layout.hidden_size, device=w_gu.device).bfloat16()
 
         def expert_bf16(x=x):
-            g, u = (x @ wgu_bf16.T).chunk(2, dim=1)
-            return (F.silu(g) * u) @ wd_bf16.T
+            return _bf16_expert(x)(wgu_bf16, wd_bf16)
 
         def expert_tc(x=x, cfgs=cfgs):
             return expert_forward_tc(x, buffer, layout, *cfgs)
@@ -266,10 +275,7 @@ def _bench_tc_experts(layout, buffer, w_gu, w_d, rows) -> dict:
                 )
                 del bufs
                 mats = _copies((wgu_bf16, wd_bf16))
-                cold["bf16_cold_us"] = 1e3 * _bench_cold(
-                    lambda a, b, x=x: (F.silu((x @ a.T)[:, : a.shape[0] // 2]) * (x @ a.T)[
-                        :, a.shape[0] // 2 :]) @ b.T, mats
-                )  # fmt: skip
+                cold["bf16_cold_us"] = 1e3 * _bench_cold(_bf16_expert(x), mats)
                 del mats
         except Exception as e:
             traceback.print_exc(limit=3)
@@ -298,8 +304,7 @@ def bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
     wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
 
     def expert_bf16():
-        g, u = (x @ wgu_bf16.T).chunk(2, dim=1)
-        return (F.silu(g) * u) @ wd_bf16.T
+        return _bf16_expert(x)(wgu_bf16, wd_bf16)
 
     ref = expert_bf16()
     compute_ms = _bench(expert_bf16)
