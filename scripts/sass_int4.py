@@ -47,16 +47,16 @@ def compile_tc(args: argparse.Namespace):
 def compile_stream(args: argparse.Namespace):
     sig = {
         "xp_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
-        "T": "i32", "N": "i32", "KW": "i32", "up_offset": "i32", "stride_xp": "i32",
-        "stride_y": "i32", "stride_q": "i32", "stride_s": "i32", "magic": "i32",
+        "T": "i32", "N": "i32", "KW": "i32", "up_offset": "i32", "stride_y": "i32",
+        "stride_q": "i32", "stride_s": "i32", "magic": "i32",
     }  # fmt: skip
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, GROUP=128, BN=args.bn, G=args.bk // 128, BT=args.bt,
-        NS=args.stages, PREFETCH=args.prefetch,
+        NS=args.stages, PREFETCH=args.prefetch, SX=args.k // 8, EVEN=True, PDL=True,
     )  # fmt: skip
     for name in consts:
         sig[name] = "constexpr"
-    div16 = [n for n in sig if n.endswith("_ptr") or n in ("stride_xp", "stride_q")]
+    div16 = [n for n in sig if n.endswith("_ptr") or n == "stride_q"]
     attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
     src = ASTSource(_int4_triton.stream, sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": args.warps, "num_stages": args.stages}
@@ -108,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("kernel", choices=["tc", "stream"])
     parser.add_argument("--bk", type=int, default=4096, help="stream: inputs per step")
+    parser.add_argument("--k", type=int, default=4096, help="stream: K (x' row stride)")
     parser.add_argument("--bn", type=int, default=64)
     parser.add_argument("--bt", type=int, default=16)
     parser.add_argument("--warps", type=int, default=4)

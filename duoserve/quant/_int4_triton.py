@@ -27,9 +27,11 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when decorated
 MAGIC = 0x4B000000  # bits of 2^23 as fp32
+STREAM_MAGIC = 0x3F800000  # bits of 1.0 as fp32
 # NOTE: triton 3.6's interpreter truncates fp32 -> bf16; emulate round-to-nearest-even there.
 _EMULATE_BF16_RNE = tl.constexpr(INTERPRETED)
 
@@ -60,87 +62,104 @@ def _nibble_consts():
 
 
 @triton.jit
-def prep_x(x_ptr, xp_ptr, KW, stride_x, stride_xp, BW: tl.constexpr):
-    # x [T, 8 KW] -> xp [T, 9, stride_xp] fp32 (see the module docstring); grid (T, KW / BW)
+def _stream_consts():
+    # nibble j of a word is shifted by shift_j (> 0: left) so that its bits start at pos_j (15
+    # for even j, 19 for odd: a pair shares one shift); x'_j carries 2^(23 - pos_j)
+    j = tl.arange(0, 8)
+    pos = 15 + 4 * (j % 2)
+    return (((127 + 23 - pos) << 23).to(tl.float32, bitcast=True),)
+
+
+@triton.jit
+def prep_x(x_ptr, xp_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
+           PDL: tl.constexpr):  # fmt: skip
+    # x [T, 8 KW] -> xp [BT, 10, SX] fp32 (see the module docstring), zero past token T and
+    # word KW, so the stream kernel's x' loads need no masks; grid (BT, SX / BW). PDL: launched
+    # as a programmatic dependent (x may be the previous kernel's output), and lets the stream
+    # kernel launch at once (it waits for xp)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     w = tl.program_id(1) * BW + tl.arange(0, BW)
-    ok = w[:, None] < KW
+    ok = (w[:, None] < KW) & (t < T)
     x_offs = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
     xv = tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
-    _, _, _, inv = _nibble_consts()
-    dst = xp_ptr + t * 9 * stride_xp + w[:, None] + tl.arange(0, 8)[None, :] * stride_xp
-    tl.store(dst, xv * inv[None, :], mask=ok)
-    tl.store(xp_ptr + t * 9 * stride_xp + 8 * stride_xp + w, tl.sum(xv, axis=1), mask=w < KW)
+    (lift,) = _stream_consts()
+    xs = xv * lift[None, :]
+    base = xp_ptr + t * 10 * SX
+    inside = w < SX
+    tl.store(base + w[:, None] + tl.arange(0, 8)[None, :] * SX, xs, mask=inside[:, None])
+    tl.store(base + 8 * SX + w, -tl.sum(xv, axis=1), mask=inside)
+    tl.store(base + 9 * SX + w, -tl.sum(xs, axis=1), mask=inside)
 
 
 @triton.jit
-def _nibble(q, q_hi, j: tl.constexpr, magic):
-    # q * 2^pos of nibble j as fp32 (exact); nibbles 5..7 come from q_hi = q >> 12 (pos 8..16)
-    if j < 5:
-        bits = q & (15 << (4 * j))
+def _pair_bits(q, jp: tl.constexpr):
+    # the word shifted so that nibble 2 jp starts at bit 15 and nibble 2 jp + 1 at bit 19
+    s: tl.constexpr = 15 - 8 * jp
+    if s > 0:
+        return q << s
     else:
-        bits = q_hi & (15 << (4 * j - 12))
-    return (bits | magic).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _tok_dot(p, f, xj_ptrs, t: tl.constexpr, T, stride_xp, ok):
-    # p += f * x'_j of token t ([G, 1, WG] broadcast over the rows)
-    return p + f * tl.load(xj_ptrs + t * 9 * stride_xp, mask=ok & (t < T), other=0.0)
-
-
-@triton.jit
-def _tok_acc(acc, p, s, z, xsum_ptrs, t: tl.constexpr, T, stride_xp, ok):
-    # acc += s * (sum_j q_j x_j - z * sum_j x_j) of token t: the zero point once per word
-    xsum = tl.load(xsum_ptrs + t * 9 * stride_xp, mask=ok & (t < T), other=0.0)
-    return acc + s * (p - z * xsum)
+        return q >> (-s)
 
 
 @triton.jit
 def _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0, KW, HAS_ZEROS: tl.constexpr,
-                 WG: tl.constexpr):  # fmt: skip
+                 WG: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
     # the [G, BN, WG] words, [G, BN, 1] scales and zero points (fp32) of the step at word kw0;
-    # whole groups past the end are masked (no traffic), so loads stay 16-byte
-    ok = kw0 // WG + g_ids < KW // WG  # [G, 1, 1]
-    q = tl.load(q_ptrs + kw0, mask=ok, other=0)
-    s = tl.load(s_ptr + sz_offs + kw0 // WG, mask=ok, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + sz_offs + kw0 // WG, mask=ok, other=0).to(tl.float32)
+    # unless the steps tile K (EVEN), whole groups past the end are masked (no traffic)
+    if EVEN:
+        q = tl.load(q_ptrs + kw0)
+        s = tl.load(s_ptr + sz_offs + kw0 // WG).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + sz_offs + kw0 // WG).to(tl.float32)
+        else:
+            z = tl.zeros_like(s) + 8.0
     else:
-        z = tl.zeros_like(s) + 8.0
+        ok = kw0 // WG + g_ids < KW // WG  # [G, 1, 1]
+        q = tl.load(q_ptrs + kw0, mask=ok, other=0)
+        s = tl.load(s_ptr + sz_offs + kw0 // WG, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + sz_offs + kw0 // WG, mask=ok, other=0).to(tl.float32)
+        else:
+            z = tl.zeros_like(s) + 8.0
     return q, s, z
 
 
 @triton.jit
-def _stream_step(acc0, acc1, acc2, acc3, q, s, z, xp_ptr, word, kw0, ok, T, stride_xp, magic,
-                 BT: tl.constexpr):  # fmt: skip
-    # acc_t [G, BN, WG] += s * (sum_j q_j x'_j - z * sum_j x_j) over one step, tokens t < BT
-    zero = tl.zeros(q.shape, tl.float32)
-    q_hi = q >> 12
-    p0, p1, p2, p3 = zero, zero, zero, zero
-    for j in tl.static_range(8):
-        f = _nibble(q, q_hi, j, magic)
-        xj_ptrs = xp_ptr + j * stride_xp + kw0 + word
-        p0 = _tok_dot(p0, f, xj_ptrs, 0, T, stride_xp, ok)
-        if BT > 1:
-            p1 = _tok_dot(p1, f, xj_ptrs, 1, T, stride_xp, ok)
-        if BT > 2:
-            p2 = _tok_dot(p2, f, xj_ptrs, 2, T, stride_xp, ok)
-            p3 = _tok_dot(p3, f, xj_ptrs, 3, T, stride_xp, ok)
-    xsum_ptrs = xp_ptr + 8 * stride_xp + kw0 + word
-    acc0 = _tok_acc(acc0, p0, s, z, xsum_ptrs, 0, T, stride_xp, ok)
+def _tok_step(acc, q, s, z, xp_ptrs, magic, t: tl.constexpr, SX: tl.constexpr):
+    # acc [G, BN, WG] += s * sum_j (q_j - z) x_j of token t over one step: per word
+    # p = -(lift + z xsum) + sum_j m_j x'_j with m_j = 1 + q_j 2^(pos_j - 23), so m_j x'_j =
+    # x'_j + q_j x_j exactly and the lifts cancel in p. Past K and T x' is zero: p = 0
+    xt = xp_ptrs + t * 10 * SX
+    p = z * tl.load(xt + 8 * SX) + tl.load(xt + 9 * SX)
+    for jp in tl.static_range(4):
+        bits = _pair_bits(q, jp)
+        for h in tl.static_range(2):
+            m = ((bits & (15 << (15 + 4 * h))) | magic).to(tl.float32, bitcast=True)
+            p += m * tl.load(xt + (2 * jp + h) * SX)
+    return acc + s * p
+
+
+@triton.jit
+def _stream_step(acc0, acc1, acc2, acc3, q, s, z, xp_ptrs, magic, BT: tl.constexpr,
+                 SX: tl.constexpr):  # fmt: skip
+    # the step for tokens t < BT (the nibble bits are recomputed per token: ptxas keeps them)
+    acc0 = _tok_step(acc0, q, s, z, xp_ptrs, magic, 0, SX)
     if BT > 1:
-        acc1 = _tok_acc(acc1, p1, s, z, xsum_ptrs, 1, T, stride_xp, ok)
+        acc1 = _tok_step(acc1, q, s, z, xp_ptrs, magic, 1, SX)
     if BT > 2:
-        acc2 = _tok_acc(acc2, p2, s, z, xsum_ptrs, 2, T, stride_xp, ok)
-        acc3 = _tok_acc(acc3, p3, s, z, xsum_ptrs, 3, T, stride_xp, ok)
+        acc2 = _tok_step(acc2, q, s, z, xp_ptrs, magic, 2, SX)
+        acc3 = _tok_step(acc3, q, s, z, xp_ptrs, magic, 3, SX)
     return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, T, KW, stride_xp, stride_q, stride_s, magic,
+def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magic,
                  HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr,
-                 BT: tl.constexpr, NS: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+                 BT: tl.constexpr, NS: tl.constexpr, PREFETCH: tl.constexpr, SX: tl.constexpr,
+                 EVEN: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     # rows [BN] -> y_t [BN] = sum_k W[rows, k] x_t[k] for tokens t < BT (zeros for t >= T).
     # PREFETCH: the next step's tile loads into registers before this step computes, so a
     # program keeps its loads in flight while it computes (NS > 1 goes through shared memory)
@@ -153,22 +172,31 @@ def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, T, KW, stride_xp, stride_q, 
     zero = tl.zeros([G, rows.shape[0], WG], tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero
     if PREFETCH:
-        q, s, z = _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, 0, KW, HAS_ZEROS, WG)
+        q, s, z = _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, 0, KW, HAS_ZEROS, WG, EVEN)
+        if PDL:
+            gdc_wait()  # the first weights are in flight; x' is written by prep_x
         for kw0 in range(0, KW, STEP):
+            # the last prefetch would read one step past K: EVEN re-reads the last step
+            # instead (no masks), else it is masked
+            kw_n = kw0 + STEP
+            if EVEN:
+                kw_n = tl.multiple_of(tl.minimum(kw_n, KW - STEP), STEP)
             q_n, s_n, z_n = _stream_tile(
-                q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0 + STEP, KW, HAS_ZEROS, WG
+                q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw_n, KW, HAS_ZEROS, WG, EVEN
             )
-            ok = kw0 // WG + g_ids < KW // WG
             acc0, acc1, acc2, acc3 = _stream_step(
-                acc0, acc1, acc2, acc3, q, s, z, xp_ptr, word, kw0, ok, T, stride_xp, magic, BT
+                acc0, acc1, acc2, acc3, q, s, z, xp_ptr + kw0 + word, magic, BT, SX
             )
             q, s, z = q_n, s_n, z_n
     else:
+        if PDL:
+            gdc_wait()
         for kw0 in tl.range(0, KW, STEP, num_stages=NS):
-            q, s, z = _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0, KW, HAS_ZEROS, WG)
-            ok = kw0 // WG + g_ids < KW // WG
+            q, s, z = _stream_tile(
+                q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0, KW, HAS_ZEROS, WG, EVEN
+            )
             acc0, acc1, acc2, acc3 = _stream_step(
-                acc0, acc1, acc2, acc3, q, s, z, xp_ptr, word, kw0, ok, T, stride_xp, magic, BT
+                acc0, acc1, acc2, acc3, q, s, z, xp_ptr + kw0 + word, magic, BT, SX
             )
     return (
         tl.sum(tl.sum(acc0, axis=2), axis=0),
@@ -189,24 +217,30 @@ def _stream_store(y_ptr, out, up, rows, row_mask, t: tl.constexpr, T, stride_y,
 
 
 @triton.jit(do_not_specialize=["T", "N", "KW", "up_offset", "stride_y", "stride_s"])
-def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_xp, stride_y,
-           stride_q, stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
-           GROUP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
-           NS: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
-    # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x); FUSED: silu(gate) *
-    # up, up rows at up_offset (a second pass over the same x'). grid (N / BN,)
+def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, stride_q,
+           stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
+           BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, NS: tl.constexpr,
+           PREFETCH: tl.constexpr, SX: tl.constexpr, EVEN: tl.constexpr,
+           PDL: tl.constexpr):  # fmt: skip
+    # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x) (row stride SX);
+    # FUSED: silu(gate) * up, up rows at up_offset (a second pass over the same x'); EVEN: the
+    # steps of G groups tile K. PDL: launched as prep_x's programmatic dependent: weights load
+    # before x' is ready, and the next kernel (the down matrix's prep_x) may launch early
+    # (it waits for y). grid (N / BN,)
+    if PDL:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     row_mask = rows < N
     rows = tl.where(row_mask, rows, 0).to(tl.int64)  # clamped: loads stay in bounds
     o0, o1, o2, o3 = _stream_pass(
-        xp_ptr, qw_ptr, s_ptr, z_ptr, rows, T, KW, stride_xp, stride_q, stride_s, magic,
-        HAS_ZEROS, GROUP, G, BT, NS, PREFETCH,
+        xp_ptr, qw_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magic,
+        HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL,
     )  # fmt: skip
     u0, u1, u2, u3 = o0, o1, o2, o3
     if FUSED:
         u0, u1, u2, u3 = _stream_pass(
-            xp_ptr, qw_ptr, s_ptr, z_ptr, rows + up_offset, T, KW, stride_xp, stride_q, stride_s,
-            magic, HAS_ZEROS, GROUP, G, BT, NS, PREFETCH,
+            xp_ptr, qw_ptr, s_ptr, z_ptr, rows + up_offset, KW, stride_q, stride_s, magic,
+            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, False,
         )  # fmt: skip
     _stream_store(y_ptr, o0, u0, rows, row_mask, 0, T, stride_y, FUSED)
     if BT > 1:

@@ -89,6 +89,9 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(_S, 2, 4096, 2, 4, 1),
         KernelConfig(_S, 4, 2048, 2, 2, 1, prefetch=True),
         KernelConfig(_S, 4, 1024, 2, 1, 1, prefetch=True),
+        KernelConfig(_S, 2, 1024, 2, 1, 1),
+        KernelConfig(_S, 2, 2048, 2, 2, 1),
+        KernelConfig(_S, 2, 1024, 2, 1, 1, prefetch=True),
     ],
     "stream4": [
         KernelConfig(_S, 2, 4096, 4, 4, 1),
@@ -268,6 +271,15 @@ def _split_scratch(device, ws_numel: int, num_tiles: int) -> tuple[torch.Tensor,
 
 
 @functools.cache
+@functools.cache
+def _pdl(device: torch.device) -> bool:
+    # programmatic dependent launch (sm_90+): a kernel starts while its predecessor finishes
+    # and waits (griddepcontrol.wait) before reading what the predecessor wrote
+    if device.type != "cuda" or _interpreting() or os.environ.get("DUOSERVE_NO_PDL") == "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -295,24 +307,29 @@ def _check_weights(qweight, scales, zeros, group_size) -> tuple[int, int]:
 
 
 def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
-    # prep_x: x [T, K] -> xp [T, 9, KW padded to 16] fp32; then stream over the row blocks
+    # prep_x: x [T, K] -> xp [block_t, 10, K / 8 rounded up to whole steps] fp32, zero-padded;
+    # then stream over the row blocks
     kernels = _kernels()
     qweight, scales, zeros = w
     (t, k), n_rows = x.shape, qweight.shape[0]
     assert t <= cfg.block_t <= STREAM_MAX_TOKENS, f"stream tile {cfg.block_t} < {t} tokens"
     kw, n_out = k // 8, (n_rows // 2 if fused else n_rows)
-    stride_xp = -(-kw // 16) * 16
-    xp = torch.empty(t, 9, stride_xp, dtype=torch.float32, device=x.device)
-    kernels.prep_x[(t, -(-kw // 256))](x, xp, kw, x.stride(0), stride_xp, BW=256)
-    z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     num_groups = k // group_size
     groups = min(max(1, cfg.block_k // group_size), 1 << (num_groups - 1).bit_length())
+    step = groups * group_size // 8  # words per step
+    sx = -(-kw // step) * step
+    xp = torch.empty(cfg.block_t, 10, sx, dtype=torch.float32, device=x.device)
+    pdl = _pdl(x.device)
+    kernels.prep_x[(cfg.block_t, -(-sx // 32))](
+        x, xp, t, kw, x.stride(0), SX=sx, BW=32, PDL=pdl, num_warps=1, launch_pdl=pdl
+    )
+    z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     kernels.stream[(-(-n_out // cfg.block_n),)](
-        xp, qweight, scales, z, y, t, n_out, kw, n_out, stride_xp, y.stride(0),
-        qweight.stride(0), scales.stride(0), kernels.MAGIC, HAS_ZEROS=zeros is not None,
-        FUSED=fused, GROUP=group_size, BN=cfg.block_n, G=groups,
-        BT=cfg.block_t, NS=cfg.num_stages, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        xp, qweight, scales, z, y, t, n_out, kw, n_out, y.stride(0), qweight.stride(0),
+        scales.stride(0), kernels.STREAM_MAGIC, HAS_ZEROS=zeros is not None, FUSED=fused,
+        GROUP=group_size, BN=cfg.block_n, G=groups, BT=cfg.block_t, NS=cfg.num_stages,
+        PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0, PDL=pdl, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
 
