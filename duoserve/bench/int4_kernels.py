@@ -233,7 +233,10 @@ def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, 
         rows += _op_rows(name, layout, gate_up, down, w_gu, w_d, t, bw_gbps)
     print(f"{name}: prefill summary T={PREFILL_TOKENS}", flush=True)
     prefill = bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps)
-    return rows, dict(shape=name, **prefill, **_bench_tc_experts(layout, buffer, w_gu, w_d, rows))
+    return rows, dict(
+        shape=name, **prefill, **_bench_tc_experts(layout, buffer, w_gu, w_d, rows),
+        **_bench_entry_experts(layout, buffer, w_gu, w_d, rows, bw_gbps),
+    )  # fmt: skip
 
 
 def _bf16_expert(x: torch.Tensor):
@@ -285,6 +288,51 @@ def _bench_tc_experts(layout, buffer, w_gu, w_d, rows) -> dict:
             tc_us=us, rel_err=err, bf16_cublas_us=_bench(expert_bf16) * 1e3,
             sum_of_ops_us=best[0]["time_us"] + best[1]["time_us"], **cold,
             configs=[dataclasses.asdict(c) for c in cfgs],
+        )  # fmt: skip
+    return out
+
+
+def _bench_entry_experts(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
+    """The whole decode expert through the engine's entry point (expert_forward_int4: every
+    launch, with this run's fastest config of each op pinned), weights cold in the L2, against
+    the expert's roofline (its int4 bytes / HBM bandwidth) and the cold bf16 cuBLAS expert."""
+    out = {}
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    roof_us = _nbytes(buffer) / bw_gbps / 1e3
+    wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
+    for t in DECODE_TOKENS:
+        best = [_best(rows, tokens=t, op=op) for op in ("gate_up", "down")]
+        if None in best:
+            continue
+        keys = [
+            (w[0].shape[0], w[0].shape[1] * 8, op == "gate_up", token_bucket(t))
+            for w, op in ((gate_up, "gate_up"), (down, "down"))
+        ]
+        saved = {k: PINNED.get(k) for k in keys}
+        for k, b in zip(keys, best):
+            PINNED[k] = KernelConfig(**b["config"])
+        x = torch.randn(t, layout.hidden_size, device=w_gu.device).bfloat16()
+        try:
+            err = _rel(expert_forward_int4(x, buffer, layout), _bf16_expert(x)(wgu_bf16, wd_bf16))
+            bufs = _copies((buffer,))
+            us = 1e3 * _bench_cold(lambda b, x=x: expert_forward_int4(x, b, layout), bufs)
+            del bufs
+            mats = _copies((wgu_bf16, wd_bf16))
+            bf16_us = 1e3 * _bench_cold(_bf16_expert(x), mats)
+            del mats
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            out[f"entry_expert_t{t}_error"] = f"{type(e).__name__}: {e}"
+            continue
+        finally:
+            for k, c in saved.items():
+                if c is None:
+                    PINNED.pop(k, None)
+                else:
+                    PINNED[k] = c
+        out[f"entry_expert_t{t}"] = dict(
+            cold_us=us, roofline_us=roof_us, pct_roofline=100 * roof_us / us, rel_err=err,
+            bf16_cold_us=bf16_us, kernels=[b["kernel"] for b in best],
         )  # fmt: skip
     return out
 
@@ -554,6 +602,17 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
                     if "tc_cold_us" in e
                     else ""
                 )
+            )
+        for key in sorted((k for k in p if k.startswith("entry_expert_t")), key=len):
+            e = p[key]
+            if isinstance(e, str):
+                print(f"  decode expert {key[14:]}: FAILED {e}")
+                continue
+            print(
+                f"  decode expert T={key[14:]} (expert_forward_int4, {'+'.join(e['kernels'])}):"
+                f" cold L2 {e['cold_us']:.1f} us = {e['pct_roofline']:.1f}% of its roofline"
+                f" ({e['roofline_us']:.1f} us) vs bf16 cuBLAS {e['bf16_cold_us']:.1f} us;"
+                f" rel err {e['rel_err']:.1e}"
             )
     print("\n# paste into duoserve/quant/triton_kernels.py (group 128, asymmetric, bf16)")
     print("PINNED = {")
