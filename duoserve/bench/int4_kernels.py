@@ -166,6 +166,25 @@ def _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base, copies=None
     return ms
 
 
+def _read_ceiling_us(copies: list[tuple]) -> float:
+    """Cold-L2 time of the fastest plain read of the packed weights (a Triton sum of the int32
+    words, 16-byte loads, full occupancy): what any kernel reading these bytes once can reach
+    at this size, ramp-up and tail included."""
+    from duoserve.quant._int4_triton import read_words
+
+    n = copies[0][0].numel()
+    best = float("inf")
+    for block, warps in ((2048, 4), (4096, 8)):
+        grid = -(-n // block)
+        sink = torch.empty(grid, dtype=torch.int32, device=copies[0][0].device)
+
+        def read(q, *_, grid=grid, sink=sink, block=block, warps=warps):
+            read_words[(grid,)](q, sink, n, BLOCK=block, num_warps=warps)
+
+        best = min(best, _bench_cold(read, copies))
+    return best * 1e3
+
+
 def bench_decode_op(op, x, w, group, w_bf16, ref, bw_gbps) -> list[dict]:
     """Every candidate config of every applicable kernel (then split sweeps) for one op."""
     # T tokens; op "gate_up" (fused silu * up, w [2I, H]) or "down" (w [H, I])
@@ -180,6 +199,11 @@ def bench_decode_op(op, x, w, group, w_bf16, ref, bw_gbps) -> list[dict]:
         [k for k in kinds_for_tokens(t) if KINDS is None or k in KINDS],
         lambda cfg: _check_and_time(cfg, x, w, group, ref, fused, n_out, rows, base, copies),
     )
+    if copies is not None and not SMOKE:
+        read_us = _read_ceiling_us(copies)
+        base_extra = dict(read_ceiling_us=read_us, read_ceiling_pct=100 * roof_us / read_us)
+        for row in rows:
+            row.update(base_extra)
     cublas_us = _bench(lambda: x @ w_bf16.T) * 1e3
     bf16_roof_us = (_nbytes(w_bf16) + _nbytes(x)) / bw_gbps / 1e3
     extra = {}
@@ -535,7 +559,13 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
             continue
         cold = (
             f"  cold L2: {b['cold_us']:.1f} us = {b['cold_pct_roofline']:.1f}% of roofline"
-            f" (bf16 cuBLAS {b['cublas_bf16_cold_us']:.1f} us = {b['cublas_bf16_cold_pct']:.1f}%)"
+            f" (bf16 cuBLAS {b['cublas_bf16_cold_us']:.1f} us = {b['cublas_bf16_cold_pct']:.1f}%"
+            + (
+                f"; plain read of the int4 words {b['read_ceiling_us']:.1f} us ="
+                f" {b['read_ceiling_pct']:.1f}%)"
+                if "read_ceiling_us" in b
+                else ")"
+            )
             if "cold_us" in b
             else ""
         )

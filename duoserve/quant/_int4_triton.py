@@ -500,3 +500,10 @@ def dequant(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, magic, HAS_ZEROS: tl.constexpr,
         w = _dequant_group(qw_ptr, s_ptr, z_ptr, rows, gi, K, magic, HAS_ZEROS, GROUP, BN)
         out_ptrs = out_ptr + rows[:, None] * K + gi * GROUP + tl.arange(0, GROUP)[None, :]
         tl.store(out_ptrs, _round(w, out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def read_words(q_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # sum of int32 words (bench only: the read-bandwidth ceiling of a weight matrix)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.load(q_ptr + offs, mask=offs < n, other=0)))
