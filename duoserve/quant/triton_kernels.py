@@ -148,26 +148,27 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
 
 # (weight rows N, K, fused gate/up, token bucket) -> config; paste the GPU bench's "PINNED"
 # output here. Buckets: 1, 2, 4, 8, 16 (decode), 32..512 (fused prefill), 0 (dequant).
-# Decode buckets (1..16) and dequant (0): bench/results/int4-kernels-h100-v5.log (H100, round 5,
-# decode ranked by cold-L2 time, see docs/int4.md); 512 (PREFILL_MODE "fused" only): round 3's.
+# Decode buckets 1, 2, 4 and dequant (0): bench/results/int4-kernels-h100-v6.log (H100, round 6,
+# decode ranked by cold-L2 time, see docs/int4.md); 8, 16: round 5's (...-v5.log); 512
+# (PREFILL_MODE "fused" only): round 3's.
 # Positional: KernelConfig(kernel, block_n, block_k, block_t, num_warps, num_stages, split_k,
 # unroll, prefetch[, wide_sz]).
 PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
     (4096, 14336, False, 1): KernelConfig("stream", 4, 2048, 1, 2, 1, 0, 1, True),
-    (28672, 4096, True, 1): KernelConfig("stream", 4, 1024, 1, 1, 1, 0, 1, True),
-    (4096, 14336, False, 2): KernelConfig("stream", 4, 1024, 2, 1, 1, 0, 1, True),
-    (28672, 4096, True, 2): KernelConfig("tc", 128, 0, 16, 4, 3, 2, 1, True),
-    (4096, 14336, False, 4): KernelConfig("tc", 64, 0, 16, 4, 4, 8, 1, False),
-    (28672, 4096, True, 4): KernelConfig("tc", 128, 0, 16, 4, 3, 2, 1, True),
+    (28672, 4096, True, 1): KernelConfig("stream", 2, 1024, 1, 1, 1, 0, 1, True),
+    (4096, 14336, False, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
+    (28672, 4096, True, 2): KernelConfig("stream", 2, 1024, 2, 1, 1, 0, 1, False),
+    (4096, 14336, False, 4): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
+    (28672, 4096, True, 4): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, True),
     (4096, 14336, False, 8): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
     (28672, 4096, True, 8): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, False, True),
     (4096, 14336, False, 16): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
     (28672, 4096, True, 16): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, True),
-    (2048, 768, False, 1): KernelConfig("gemv", 128, 0, 1, 4, 1, 12, 1, True),
+    (2048, 768, False, 1): KernelConfig("stream", 4, 1024, 1, 1, 1, 0, 1, True),
     (1536, 2048, True, 1): KernelConfig("stream", 4, 2048, 1, 2, 1, 0, 1, False),
     (2048, 768, False, 2): KernelConfig("stream", 4, 1024, 2, 1, 1, 0, 1, True),
-    (1536, 2048, True, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, True),
-    (2048, 768, False, 4): KernelConfig("mma", 64, 0, 16, 4, 3, 16, 1, False),
+    (1536, 2048, True, 2): KernelConfig("stream", 2, 2048, 2, 2, 1, 0, 1, False),
+    (2048, 768, False, 4): KernelConfig("stream", 2, 2048, 4, 2, 1, 0, 1, False),
     (1536, 2048, True, 4): KernelConfig("stream", 2, 2048, 4, 2, 1, 0, 1, False),
     (2048, 768, False, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 12, 1, False),
     (1536, 2048, True, 8): KernelConfig("mma", 64, 0, 16, 4, 2, 0, 2, False),
@@ -179,8 +180,8 @@ PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
     (1536, 2048, True, 512): KernelConfig("mma", 128, 0, 64, 8, 3, 2, 1, False),
     (28672, 4096, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
     (4096, 14336, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
-    (1536, 2048, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
-    (2048, 768, False, 0): KernelConfig("dequant", 64, 0, 1, 4, 1, 0, 1, False),
+    (1536, 2048, False, 0): KernelConfig("dequant", 32, 0, 1, 4, 1, 0, 2, False),
+    (2048, 768, False, 0): KernelConfig("dequant", 32, 0, 1, 4, 1, 0, 2, False),
 }
 
 
