@@ -2,16 +2,26 @@
 
 Format: duoserve/quant/int4.py. Shapes: N weight rows, K input, KW = K / 8 int32 words per row,
 T tokens, WG = GROUP / 8 words per group. Dequantization never converts int -> float (I2F runs at
-a quarter of the FMA rate): nibble j is masked *in place* and OR-ed into the bits of 2^23, giving
-the float 2^23 + q * 2^pos (pos < 20, exact); subtracting 2^23 gives q * 2^pos exactly, and
-2^-pos is folded into x. Per weight: one LOP3, one FADD, one FFMA.
+a quarter of the FMA rate).
 
 - ``stream`` (decode, 1..4 tokens, FMA units): a program streams BN whole rows through
-  [G groups, BN rows, WG words] int32 tiles. x comes pre-permuted by ``prep_x`` as fp32
-  x'[t, j, w] = x[t, 8w + j] * 2^-pos_j (row 8: sum_j x[t, 8w + j]), so x'_j is as contiguous
-  as the weight words and every large tensor keeps the layout of the weight load: 16-byte loads,
-  a thread owns 4 words of one group for all BN rows (x'_j loaded once for BN rows), nothing
-  crosses threads until the one reduction per program. No split-K: enough row blocks.
+  [G groups, BN rows, WG words] int32 tiles. A word is shifted once per nibble pair so that
+  nibble j starts at bit pos_j (15 for even j, 19 for odd); one LOP3 masks it and ORs in the
+  bits of 1.0, giving the float m_j = 1 + q_j 2^(pos_j - 23). x comes from ``prep_x`` as fp32
+  x'[t, j, w] = x[t, 8w + j] 2^(23 - pos_j) (so m_j x'_j = x'_j + q_j x_j, exactly), with
+  row 8 = -sum_j x and row 9 = -sum_j x'_j per word. Per word the partial dot starts at
+  -(sum_j x'_j + z sum_j x_j) (one FFMA), so the lifts cancel inside the word and only
+  fp32 rounding of a sum about 256x the term is left (relative error ~1e-6, tested): per
+  weight one LOP3, one FFMA and half a shift, against LOP3 + FADD + FFMA with the 2^23 magic
+  of the round-1 kernels. x' is zero past K and T, so its loads carry no masks; its row
+  stride is a constexpr (immediate offsets). x'_j is as contiguous as the weight words:
+  16-byte loads, a thread owns 4 words of one group for all BN rows (x'_j loaded once for
+  BN rows), nothing crosses threads until the one reduction per program. No split-K.
+  On sm_90 ``prep_x`` and ``stream`` are launched as programmatic dependents (PDL): stream's
+  programs start while prep_x runs, load their first weights, then wait for x'.
+- Round-1 magic: nibble j is masked *in place* and OR-ed into the bits of 2^23, giving the
+  float 2^23 + q * 2^pos (pos < 20, exact); subtracting 2^23 gives q * 2^pos exactly, and
+  2^-pos is folded into x.
 - ``gemv`` / ``mma`` (round 1, kept as sweep candidates): walk K one group at a time with
   [BN, WG, 1] tiles, split-K with an arrival counter; mma puts the group's weights on tensor cores.
 - ``dequant``: int4 -> bf16 [N, K] for the dequant + cuBLAS prefill.
