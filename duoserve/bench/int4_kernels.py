@@ -541,6 +541,15 @@ def _prefill_pin(rows, key, prefill) -> dict | None:
     return min(others, key=lambda r: r["time_us"]) if others else None
 
 
+def _expert_entries(p: dict, prefix: str, label: str):
+    # (tokens, entry) of the whole-expert results under prefix; failures are printed
+    for key in sorted((k for k in p if k.startswith(prefix)), key=len):
+        if isinstance(p[key], str):
+            print(f"  {label} {key[len(prefix) :]}: FAILED {p[key]}")
+            continue
+        yield key[len(prefix) :], p[key]
+
+
 def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -> None:
     """Best config per (shape, tokens, op), the prefill summary, then the PINNED table."""
     print(f"\nHBM (d2d copy) {bw:.0f} GB/s, pinned H2D {h2d:.1f} GB/s")
@@ -618,13 +627,9 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
                 f"(+{p['overlapped_overhead_pct']:.1f}% over bf16; equal outputs: "
                 f"{p['overlapped_equal_serial']})"
             )
-        for key in sorted((k for k in p if k.startswith("tc_expert_t")), key=lambda k: len(k)):
-            e = p[key]
-            if isinstance(e, str):
-                print(f"  tc expert {key[11:]}: FAILED {e}")
-                continue
+        for t, e in _expert_entries(p, "tc_expert_t", "tc expert"):
             print(
-                f"  tc expert T={key[11:]}: {e['tc_us']:.1f} us (its two ops timed alone "
+                f"  tc expert T={t}: {e['tc_us']:.1f} us (its two ops timed alone "
                 f"{e['sum_of_ops_us']:.1f} us) vs bf16 cuBLAS expert {e['bf16_cublas_us']:.1f} us"
                 f" = {e['tc_us'] / e['bf16_cublas_us']:.2f}x; rel err {e['rel_err']:.1e}"
                 + (
@@ -633,13 +638,9 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
                     else ""
                 )
             )
-        for key in sorted((k for k in p if k.startswith("entry_expert_t")), key=len):
-            e = p[key]
-            if isinstance(e, str):
-                print(f"  decode expert {key[14:]}: FAILED {e}")
-                continue
+        for t, e in _expert_entries(p, "entry_expert_t", "decode expert"):
             print(
-                f"  decode expert T={key[14:]} (expert_forward_int4, {'+'.join(e['kernels'])}):"
+                f"  decode expert T={t} (expert_forward_int4, {'+'.join(e['kernels'])}):"
                 f" cold L2 {e['cold_us']:.1f} us = {e['pct_roofline']:.1f}% of its roofline"
                 f" ({e['roofline_us']:.1f} us) vs bf16 cuBLAS {e['bf16_cold_us']:.1f} us;"
                 f" rel err {e['rel_err']:.1e}"
