@@ -272,7 +272,6 @@ def _split_scratch(device, ws_numel: int, num_tiles: int) -> tuple[torch.Tensor,
 
 
 @functools.cache
-@functools.cache
 def _pdl(device: torch.device) -> bool:
     # programmatic dependent launch (sm_90+): a kernel starts while its predecessor finishes
     # and waits (griddepcontrol.wait) before reading what the predecessor wrote
@@ -281,6 +280,7 @@ def _pdl(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
