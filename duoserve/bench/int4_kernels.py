@@ -324,6 +324,7 @@ def _bench_entry_experts(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     roof_us = _nbytes(buffer) / bw_gbps / 1e3
     wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
+    bufs, mats = _copies((buffer,)), _copies((wgu_bf16, wd_bf16))  # cold weights, all T
     for t in DECODE_TOKENS:
         best = [_best(rows, tokens=t, op=op) for op in ("gate_up", "down")]
         if None in best:
@@ -338,12 +339,8 @@ def _bench_entry_experts(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
         x = torch.randn(t, layout.hidden_size, device=w_gu.device).bfloat16()
         try:
             err = _rel(expert_forward_int4(x, buffer, layout), _bf16_expert(x)(wgu_bf16, wd_bf16))
-            bufs = _copies((buffer,))
             us = 1e3 * _bench_cold(lambda b, x=x: expert_forward_int4(x, b, layout), bufs)
-            del bufs
-            mats = _copies((wgu_bf16, wd_bf16))
             bf16_us = 1e3 * _bench_cold(_bf16_expert(x), mats)
-            del mats
         except Exception as e:
             traceback.print_exc(limit=3)
             out[f"entry_expert_t{t}_error"] = f"{type(e).__name__}: {e}"

@@ -72,12 +72,12 @@ def _nibble_consts():
 
 
 @triton.jit
-def _stream_consts():
-    # nibble j of a word is shifted by shift_j (> 0: left) so that its bits start at pos_j (15
-    # for even j, 19 for odd: a pair shares one shift); x'_j carries 2^(23 - pos_j)
+def _stream_lift():
+    # x'_j's factor 2^(23 - pos_j): _pair_bits puts nibble j at bit pos_j (15 for even j, 19
+    # for odd: a pair shares one shift)
     j = tl.arange(0, 8)
     pos = 15 + 4 * (j % 2)
-    return (((127 + 23 - pos) << 23).to(tl.float32, bitcast=True),)
+    return ((127 + 23 - pos) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -95,8 +95,7 @@ def prep_x(x_ptr, xp_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
     ok = (w[:, None] < KW) & (t < T)
     x_offs = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
     xv = tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
-    (lift,) = _stream_consts()
-    xs = xv * lift[None, :]
+    xs = xv * _stream_lift()[None, :]
     base = xp_ptr + t * 10 * SX
     inside = w < SX
     tl.store(base + w[:, None] + tl.arange(0, 8)[None, :] * SX, xs, mask=inside[:, None])
