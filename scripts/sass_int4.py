@@ -53,6 +53,7 @@ def compile_stream(args: argparse.Namespace):
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, GROUP=128, BN=args.bn, G=args.bk // 128, BT=args.bt,
         NS=args.stages, PREFETCH=args.prefetch, SX=args.k // 8, EVEN=True, PDL=True,
+        ONE_PASS=args.one_pass, AHEAD=args.ahead,
     )  # fmt: skip
     for name in consts:
         sig[name] = "constexpr"
@@ -60,6 +61,29 @@ def compile_stream(args: argparse.Namespace):
     attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
     src = ASTSource(_int4_triton.stream, sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": args.warps, "num_stages": args.stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def compile_tcg(args: argparse.Namespace):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from duoserve.quant import _int4_tcg_gluon
+
+    sig = {
+        "xp_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "N": "i32", "KW": "i32", "G": "i32",
+        "up_offset": "i32", "stride_xt": "i32", "stride_yt": "i32", "groups_per_split": "i32",
+    }  # fmt: skip
+    consts = dict(
+        HAS_ZEROS=True, FUSED=args.fused, W=args.warps, SPLIT=args.split,
+        DEPTH=3 if args.prefetch else 1,
+    )  # fmt: skip
+    for name in consts:
+        sig[name] = "constexpr"
+    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_xt")]
+    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = GluonASTSource(_int4_tcg_gluon.tcg, sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": args.warps, "num_stages": 1}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -106,7 +130,7 @@ def main_loop(sass: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kernel", choices=["tc", "stream"])
+    parser.add_argument("kernel", choices=["tc", "stream", "tcg"])
     parser.add_argument("--bk", type=int, default=4096, help="stream: inputs per step")
     parser.add_argument("--k", type=int, default=4096, help="stream: K (x' row stride)")
     parser.add_argument("--bn", type=int, default=64)
@@ -116,11 +140,14 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--pre-scale", action="store_true")
     parser.add_argument("--prefetch", action="store_true")
+    parser.add_argument("--one-pass", action="store_true", help="stream: fused in one pass")
+    parser.add_argument("--ahead", type=int, default=1, help="stream: prefetch depth in steps")
     parser.add_argument("--wide", action="store_true", help="tc: wide scale / zero loads")
     parser.add_argument("--split", action="store_true", help="tc: compile the split-K reduction")
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
     args = parser.parse_args()
-    k = compile_tc(args) if args.kernel == "tc" else compile_stream(args)
+    compile_fn = {"tc": compile_tc, "stream": compile_stream, "tcg": compile_tcg}[args.kernel]
+    k = compile_fn(args)
     sass = sass_of(k.asm["cubin"])
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)

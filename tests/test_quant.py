@@ -387,7 +387,8 @@ def _check_dequant_and_expert() -> None:
 
 # (config, tokens, symmetric). stream: K steps of 2 groups (down: K = 96, the last step half
 # masked) and of the whole K, 1..4 tokens in tiles of 1, 2, 4, masked rows (block_n does not
-# divide N); gemv/mma (round 1): split-K (uneven too), unrolled groups, several token tiles.
+# divide N), gate and up in one pass, prefetch 1 and 2 steps ahead; gemv/mma (round 1):
+# split-K (uneven too), unrolled groups, several token tiles.
 INTERPRETER_CASES = [
     (KernelConfig("stream", 64, 64, 1), 1, False),
     (KernelConfig("stream", 16, 128, 2, num_stages=2), 2, True),
@@ -395,6 +396,9 @@ INTERPRETER_CASES = [
     (KernelConfig("stream", 64, 4096, 4), 4, True),
     (KernelConfig("stream", 32, 64, 1, prefetch=True), 1, False),
     (KernelConfig("stream", 16, 64, 2, prefetch=True), 2, True),
+    (KernelConfig("stream", 16, 64, 1, prefetch=True, one_pass=True, ahead=2), 1, False),
+    (KernelConfig("stream", 32, 128, 2, one_pass=True), 2, True),
+    (KernelConfig("stream", 16, 64, 4, prefetch=True, ahead=2), 3, True),
     (KernelConfig("gemv", 32, split_k=3, prefetch=True), 1, False),
     (KernelConfig("gemv", 64, split_k=2, unroll=2), 1, True),
     (KernelConfig("mma", 16, block_t=16, split_k=2), 3, False),
@@ -478,6 +482,34 @@ def test_kernels_gpu_real_shapes(shape: str) -> None:
         scratch = torch.full(shape_nk, float("nan"), dtype=torch.bfloat16, device="cuda")
         dequantize_int4_into(*w, 128, scratch, config=candidate_configs("dequant")[0])
         assert torch.equal(scratch, dequantize_int4(*w, 128)), "dequant kernel not bit-exact"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_stream_variants_gpu_real_shapes(shape: str) -> None:
+    # gate and up in one pass, prefetch two steps ahead (EVEN and masked K), fp32 outputs
+    h, i = GPU_SHAPES[shape]
+    buffer, layout = _gpu_expert(h, i)
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    w_gu = dequantize_int4(*gate_up, 128, dtype=torch.float32)
+    w_d = dequantize_int4(*down, 128, dtype=torch.float32)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    configs = [
+        KernelConfig("stream", 1, 1024, 1, 1, prefetch=True, one_pass=True, ahead=2),
+        KernelConfig("stream", 2, 2048, 2, 2, prefetch=True, one_pass=True),
+        KernelConfig("stream", 4, 4096, 4, 4, prefetch=True, ahead=2),  # K = 14336: masked
+    ]
+    for cfg in configs:
+        t = cfg.block_t
+        x = torch.randn(t, h, generator=gen, device="cuda").bfloat16()
+        gate, up = (x.float() @ w_gu.T).chunk(2, dim=1)
+        act = torch.full((t, i), float("nan"), device="cuda")
+        int4_gate_up_silu(x, *gate_up, 128, out=act, config=cfg)
+        assert _rel(act, F.silu(gate) * up) < 1e-4, (shape, cfg, "gate_up")
+        a = act.bfloat16()
+        y = torch.full((t, h), float("nan"), device="cuda")
+        int4_linear(a, *down, 128, out=y, config=cfg)
+        assert _rel(y, a.float() @ w_d.T) < 1e-4, (shape, cfg, "down")
 
 
 @pytest.mark.gpu

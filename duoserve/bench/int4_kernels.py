@@ -516,7 +516,11 @@ def _bench_dequant(gate_up, down, wgu_bf16, wd_bf16) -> tuple[float | None, list
 def _config_name(c: dict) -> str:
     if c["kernel"] == "stream":
         cfg = f"n{c['block_n']} k{c['block_k']} t{c['block_t']} w{c['num_warps']}"
-        return f"stream {cfg} s{c['num_stages']}"
+        return (
+            f"stream {cfg} s{c['num_stages']}"
+            + (f" p{c.get('ahead', 1)}" if c["prefetch"] else "")
+            + (" 1p" if c.get("one_pass") else "")
+        )
     return (
         f"{c['kernel']} n{c['block_n']} t{c['block_t']} w{c['num_warps']} s{c['num_stages']} "
         f"u{c['unroll']} x{c['split_k']}"

@@ -168,10 +168,11 @@ def _stream_step(acc0, acc1, acc2, acc3, q, s, z, xp_ptrs, magic, BT: tl.constex
 def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magic,
                  HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr,
                  BT: tl.constexpr, NS: tl.constexpr, PREFETCH: tl.constexpr, SX: tl.constexpr,
-                 EVEN: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                 EVEN: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
     # rows [BN] -> y_t [BN] = sum_k W[rows, k] x_t[k] for tokens t < BT (zeros for t >= T).
-    # PREFETCH: the next step's tile loads into registers before this step computes, so a
-    # program keeps its loads in flight while it computes (NS > 1 goes through shared memory)
+    # PREFETCH: the tiles of the next AHEAD (1 or 2) steps load into registers before this
+    # step computes, so a program keeps its loads in flight while it computes (NS > 1 goes
+    # through shared memory)
     WG: tl.constexpr = GROUP // 8
     STEP: tl.constexpr = G * WG
     g_ids = tl.arange(0, G)[:, None, None]
@@ -182,12 +183,19 @@ def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magi
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero
     if PREFETCH:
         q, s, z = _stream_tile(q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, 0, KW, HAS_ZEROS, WG, EVEN)
+        if AHEAD > 1:
+            kw_1 = STEP
+            if EVEN:
+                kw_1 = tl.multiple_of(tl.minimum(kw_1, KW - STEP), STEP)
+            q1, s1, z1 = _stream_tile(
+                q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw_1, KW, HAS_ZEROS, WG, EVEN
+            )
         if PDL:
             gdc_wait()  # the first weights are in flight; x' is written by prep_x
         for kw0 in range(0, KW, STEP):
-            # the last prefetch would read one step past K: EVEN re-reads the last step
-            # instead (no masks), else it is masked
-            kw_n = kw0 + STEP
+            # the last prefetches would read past K: EVEN re-reads the last step instead (no
+            # masks), else they are masked
+            kw_n = kw0 + AHEAD * STEP
             if EVEN:
                 kw_n = tl.multiple_of(tl.minimum(kw_n, KW - STEP), STEP)
             q_n, s_n, z_n = _stream_tile(
@@ -196,7 +204,11 @@ def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magi
             acc0, acc1, acc2, acc3 = _stream_step(
                 acc0, acc1, acc2, acc3, q, s, z, xp_ptr + kw0 + word, magic, BT, SX
             )
-            q, s, z = q_n, s_n, z_n
+            if AHEAD > 1:
+                q, s, z = q1, s1, z1
+                q1, s1, z1 = q_n, s_n, z_n
+            else:
+                q, s, z = q_n, s_n, z_n
     else:
         if PDL:
             gdc_wait()
@@ -230,27 +242,41 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, s
            stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
            BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, NS: tl.constexpr,
            PREFETCH: tl.constexpr, SX: tl.constexpr, EVEN: tl.constexpr,
-           PDL: tl.constexpr):  # fmt: skip
+           PDL: tl.constexpr, ONE_PASS: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
     # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x) (row stride SX);
-    # FUSED: silu(gate) * up, up rows at up_offset (a second pass over the same x'); EVEN: the
-    # steps of G groups tile K. PDL: launched as prep_x's programmatic dependent: weights load
-    # before x' is ready, and the next kernel (the down matrix's prep_x) may launch early
-    # (it waits for y). grid (N / BN,)
+    # FUSED: silu(gate) * up, up rows at up_offset: a second pass over the same x', or with
+    # ONE_PASS one pass over 2 BN rows, gate and up interleaved (x' loaded once for both, no
+    # pipeline restart between the passes); EVEN: the steps of G groups tile K. PDL: launched
+    # as prep_x's programmatic dependent: weights load before x' is ready, and the next kernel
+    # (the down matrix's prep_x) may launch early (it waits for y). grid (N / BN,)
     if PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0).to(tl.int64)  # clamped: loads stay in bounds
-    o0, o1, o2, o3 = _stream_pass(
-        xp_ptr, qw_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magic,
-        HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL,
-    )  # fmt: skip
-    u0, u1, u2, u3 = o0, o1, o2, o3
-    if FUSED:
-        u0, u1, u2, u3 = _stream_pass(
-            xp_ptr, qw_ptr, s_ptr, z_ptr, rows + up_offset, KW, stride_q, stride_s, magic,
-            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, False,
+    if FUSED and ONE_PASS:
+        i = tl.arange(0, 2 * BN)
+        out_rows = tl.program_id(0) * BN + i // 2
+        both = tl.where(out_rows < N, out_rows, 0).to(tl.int64) + (i % 2) * up_offset
+        p0, p1, p2, p3 = _stream_pass(
+            xp_ptr, qw_ptr, s_ptr, z_ptr, both, KW, stride_q, stride_s, magic,
+            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL, AHEAD,
         )  # fmt: skip
+        o0, u0 = tl.split(tl.reshape(p0, (BN, 2)))
+        o1, u1 = tl.split(tl.reshape(p1, (BN, 2)))
+        o2, u2 = tl.split(tl.reshape(p2, (BN, 2)))
+        o3, u3 = tl.split(tl.reshape(p3, (BN, 2)))
+    else:
+        rows_in = tl.where(row_mask, rows, 0).to(tl.int64)  # clamped: loads stay in bounds
+        o0, o1, o2, o3 = _stream_pass(
+            xp_ptr, qw_ptr, s_ptr, z_ptr, rows_in, KW, stride_q, stride_s, magic,
+            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL, AHEAD,
+        )  # fmt: skip
+        u0, u1, u2, u3 = o0, o1, o2, o3
+        if FUSED:
+            u0, u1, u2, u3 = _stream_pass(
+                xp_ptr, qw_ptr, s_ptr, z_ptr, rows_in + up_offset, KW, stride_q, stride_s,
+                magic, HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, False, AHEAD,
+            )  # fmt: skip
     _stream_store(y_ptr, o0, u0, rows, row_mask, 0, T, stride_y, FUSED)
     if BT > 1:
         _stream_store(y_ptr, o1, u1, rows, row_mask, 1, T, stride_y, FUSED)

@@ -44,9 +44,11 @@ class KernelConfig:
     kernels step one group); block_t: tokens per program; split_k: K splits (gemv/mma/tc; 0:
     about 4 programs per SM); unroll: groups per step (gemv/mma/dequant); prefetch: gemv and
     stream load the next step while computing this one, tc the next group's scales; wide_sz:
-    tc loads scales and zero points several groups wide, so they pipeline with the weights."""
+    tc loads scales and zero points several groups wide, so they pipeline with the weights;
+    one_pass: fused stream walks the gate and up rows together, interleaved, in one pass;
+    ahead: stream with prefetch loads this many steps (1 or 2) ahead."""
 
-    kernel: str  # "stream" | "gemv" | "mma" | "dequant" | "w4a16" | "w4a16_b" | "tc" | "tc_s"
+    kernel: str  # stream gemv mma dequant w4a16 w4a16_b tc tc_s tcg
     block_n: int
     block_k: int = 0
     block_t: int = 1
@@ -56,6 +58,8 @@ class KernelConfig:
     unroll: int = 1
     prefetch: bool = False
     wide_sz: bool = False
+    one_pass: bool = False
+    ahead: int = 1
 
 
 # kind -> configs; the first is the untuned default. stream tiles keep every warp on K (block_k
@@ -81,6 +85,8 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(_S, 4, 4096, 1, 4, 1, prefetch=True),
         KernelConfig(_S, 2, 1024, 1, 1, 1, prefetch=True),
         KernelConfig(_S, 2, 1024, 1, 1, 1),
+        KernelConfig(_S, 1, 1024, 1, 1, 1, prefetch=True, one_pass=True, ahead=2),
+        KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True, ahead=2),
     ],
     "stream2": [
         KernelConfig(_S, 4, 4096, 2, 4, 1),
@@ -92,6 +98,8 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(_S, 2, 1024, 2, 1, 1),
         KernelConfig(_S, 2, 2048, 2, 2, 1),
         KernelConfig(_S, 2, 1024, 2, 1, 1, prefetch=True),
+        KernelConfig(_S, 1, 1024, 2, 1, 1, prefetch=True, one_pass=True, ahead=2),
+        KernelConfig(_S, 2, 2048, 2, 2, 1, prefetch=True, ahead=2),
     ],
     "stream4": [
         KernelConfig(_S, 2, 4096, 4, 4, 1),
@@ -131,6 +139,11 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig("tc", 128, block_t=16, num_warps=4, num_stages=3, prefetch=True),
         KernelConfig("tc_s", 128, block_t=16, num_warps=4, num_stages=3, wide_sz=True),
     ],
+    "tcg": [  # mma.sync in Gluon (int4_tcg.py), 1..8 tokens; measured slower than stream
+        # (docs/int4.md, round 7), so no token count's kinds include it: explicit configs only
+        KernelConfig("tcg", 32, block_t=8, num_warps=2, split_k=4),
+        KernelConfig("tcg", 16, block_t=8, num_warps=1, split_k=8, prefetch=True),
+    ],
     "tc_prefill": [  # tc_s: one accumulator over K (256-token tiles spill: 5x slower)
         KernelConfig("tc_s", 64, block_t=128, num_warps=4, num_stages=3),
         KernelConfig("tc_s", 128, block_t=128, num_warps=8, num_stages=3),
@@ -149,7 +162,8 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
 # (weight rows N, K, fused gate/up, token bucket) -> config; paste the GPU bench's "PINNED"
 # output here. Buckets: 1, 2, 4, 8, 16 (decode), 32..512 (fused prefill), 0 (dequant).
 # Decode buckets 1, 2, 4 and dequant (0): bench/results/int4-kernels-h100-v6.log (H100, round 6,
-# decode ranked by cold-L2 time, see docs/int4.md); 8, 16: round 5's (...-v5.log); 512
+# decode ranked by cold-L2 time, see docs/int4.md), except Mixtral gate/up at 2 tokens (round 7
+# probe, same cold-L2 method); 8, 16: round 5's (...-v5.log); 512
 # (PREFILL_MODE "fused" only): round 3's.
 # Positional: KernelConfig(kernel, block_n, block_k, block_t, num_warps, num_stages, split_k,
 # unroll, prefetch[, wide_sz]).
@@ -157,7 +171,9 @@ PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
     (4096, 14336, False, 1): KernelConfig("stream", 4, 2048, 1, 2, 1, 0, 1, True),
     (28672, 4096, True, 1): KernelConfig("stream", 2, 1024, 1, 1, 1, 0, 1, True),
     (4096, 14336, False, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
-    (28672, 4096, True, 2): KernelConfig("stream", 2, 1024, 2, 1, 1, 0, 1, False),
+    (28672, 4096, True, 2): KernelConfig(
+        "stream", 1, 1024, 2, 1, 1, prefetch=True, one_pass=True, ahead=2
+    ),  # bench/results/stream-probe-h100-session9.log: 41.6-42.0 us vs 43.6-44.7 us
     (4096, 14336, False, 4): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
     (28672, 4096, True, 4): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, True),
     (4096, 14336, False, 8): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
@@ -329,7 +345,8 @@ def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
         xp, qweight, scales, z, y, t, n_out, kw, n_out, y.stride(0), qweight.stride(0),
         scales.stride(0), kernels.STREAM_MAGIC, HAS_ZEROS=zeros is not None, FUSED=fused,
         GROUP=group_size, BN=cfg.block_n, G=groups, BT=cfg.block_t, NS=cfg.num_stages,
-        PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0, PDL=pdl, num_warps=cfg.num_warps,
+        PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0, PDL=pdl, ONE_PASS=cfg.one_pass,
+        AHEAD=cfg.ahead, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
@@ -343,6 +360,11 @@ def _launch(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
         from duoserve.quant.int4_tc import tc_matmul
 
         tc_matmul(cfg, x, w, group_size, y, fused)
+        return
+    if cfg.kernel == "tcg":
+        from duoserve.quant.int4_tcg import tcg_matmul
+
+        tcg_matmul(cfg, x, w, group_size, y, fused)
         return
     if cfg.kernel.startswith("w4a16"):
         from duoserve.quant.int4_gemm import w4a16_matmul
@@ -398,7 +420,7 @@ def sweep_configs(kinds: list[str], time_fn) -> list[tuple[KernelConfig, float]]
                 timed.append((cfg, time_fn(cfg)))
             except Exception:  # a config that fails to compile or run is skipped
                 continue
-    splittable = [item for item in timed if item[0].kernel in ("gemv", "mma", "tc", "tc_s")]
+    splittable = [item for item in timed if item[0].kernel in ("gemv", "mma", "tc", "tc_s", "tcg")]
     if splittable:
         best = min(splittable, key=lambda item: item[1])[0]
         prefill = best.block_t > MAX_DECODE_TOKENS  # enough token tiles: few splits matter

@@ -1,0 +1,127 @@
+"""GPU: stream-kernel variants at the Mixtral decode shape (1 and 2 tokens), cold L2 (the
+bench's method), each checked against an fp32 reference, next to the read ceiling; then the
+1-token expert through expert_forward_int4 with the fastest config of each op pinned.
+
+    PYTHONPATH=$PWD python3 scripts/stream_probe.py
+"""
+
+import torch
+import torch.nn.functional as F
+
+from duoserve.bench.int4_kernels import (
+    _bench_cold,
+    _copies,
+    _nbytes,
+    _read_ceiling_us,
+    _rel,
+    measure_hbm_gbps,
+)
+from duoserve.quant import triton_kernels as tk
+from duoserve.quant.int4 import dequantize_int4, quantize_expert_int4
+from duoserve.quant.triton_kernels import KernelConfig
+
+tk.set_autotune(False)
+bw = measure_hbm_gbps(torch.device("cuda"))
+print(f"HBM {bw:.0f} GB/s")
+h, i = 4096, 14336
+gen = torch.Generator(device="cuda").manual_seed(0)
+mats = [torch.randn(r, c, generator=gen, device="cuda") * 0.02 for r, c in ((i, h), (i, h), (h, i))]
+buf, lay = quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
+
+
+def S(bn, bk, warps, **kw):
+    return KernelConfig("stream", bn, bk, 1, warps, 1, prefetch=True, **kw)
+
+
+def G(warps, split, prefetch=False):
+    return KernelConfig(
+        "tcg", 16 * warps, block_t=1, num_warps=warps, split_k=split, prefetch=prefetch
+    )
+
+
+CFGS = {
+    "gate_up": [
+        G(2, 4),
+        G(1, 4, prefetch=True),
+        G(1, 8, prefetch=True),
+        G(2, 2, prefetch=True),
+        G(2, 4, prefetch=True),
+        G(4, 4, prefetch=True),
+        S(2, 1024, 1),
+        S(1, 1024, 1, one_pass=True, ahead=2),
+    ],
+    "down": [
+        G(1, 8),
+        G(1, 4, prefetch=True),
+        G(1, 8, prefetch=True),
+        G(2, 4, prefetch=True),
+        G(2, 8, prefetch=True),
+        G(4, 8, prefetch=True),
+        S(4, 2048, 2),
+        S(4, 1024, 1, ahead=2),
+    ],
+}
+
+
+def name(c: KernelConfig) -> str:
+    if c.kernel == "tcg":
+        return f"tcg w{c.num_warps} split{c.split_k} t{c.block_t}" + (" d3" if c.prefetch else "")
+    return (
+        f"n{c.block_n} k{c.block_k} t{c.block_t} w{c.num_warps}"
+        + (f" a{c.ahead}" if c.prefetch else "")
+        + (" 1p" if c.one_pass else "")
+    )
+
+
+best = {}
+for op, fused in (("gate_up", True), ("down", False)):
+    w = lay.gate_up_views(buf) if fused else lay.down_views(buf)
+    w_ref = dequantize_int4(*w, 128, dtype=torch.float32)
+    copies = _copies(w)
+    roof = _nbytes(*w) / bw / 1e3
+    read = _read_ceiling_us(copies)
+    print(f"== {op}: roofline {roof:.1f} us, plain read {read:.1f} us ({100 * roof / read:.1f}%)")
+    fn = tk.int4_gate_up_silu if fused else tk.int4_linear
+    for t in (1, 2, 4, 8):
+        x = torch.randn(t, w_ref.shape[1], device="cuda").bfloat16()
+        ref = x.float() @ w_ref.T
+        if fused:
+            g, u = ref.chunk(2, dim=1)
+            ref = F.silu(g) * u
+        for cfg in CFGS[op]:
+            if cfg.kernel == "stream" and t > 2:
+                continue
+            cfg = KernelConfig(**{**cfg.__dict__, "block_t": t})
+            try:
+                err = _rel(fn(x, *w, 128, config=cfg, backend="triton"), ref)
+                us = 1e3 * _bench_cold(
+                    lambda *ww, cfg=cfg, x=x, fn=fn: fn(x, *ww, 128, config=cfg, backend="triton"),
+                    copies,
+                )
+            except Exception as e:  # a variant that does not compile is reported, not fatal
+                print(f"  T={t} {name(cfg):28s} FAILED {type(e).__name__}: {str(e)[:120]}")
+                continue
+            print(f"  T={t} {name(cfg):28s} {us:6.1f} us {100 * roof / us:5.1f}%  err {err:.1e}")
+            if err < 1e-2 and ((op, t) not in best or us < best[(op, t)][1]):
+                best[(op, t)] = (cfg, us)
+    del copies
+ecopies = _copies((buf,))
+roof = _nbytes(buf) / bw / 1e3
+for t in (1, 2, 4, 8):
+    x = torch.randn(t, h, device="cuda").bfloat16()
+    ref = tk.expert_forward_int4(x, buf, lay)
+    keys = {
+        "gate_up": (2 * i, h, True, tk.token_bucket(t)),
+        "down": (h, i, False, tk.token_bucket(t)),
+    }
+    for label in ("pinned", "probe best"):
+        if label == "probe best":
+            for op, key in keys.items():
+                tk.PINNED[key] = best[(op, t)][0]
+        us = 1e3 * _bench_cold(lambda b, x=x: tk.expert_forward_int4(x, b, lay), ecopies)
+        err = _rel(tk.expert_forward_int4(x, buf, lay), ref)
+        cfgs = " + ".join(name(tk.PINNED[k]) for k in keys.values())
+        print(
+            f"expert T={t} ({label}: {cfgs}): {us:.1f} us = {100 * roof / us:.1f}% of"
+            f" {roof:.1f} us; vs pinned rel {err:.1e}"
+        )
