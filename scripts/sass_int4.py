@@ -22,13 +22,16 @@ from triton.compiler import ASTSource
 
 from duoserve.quant import _int4_tc_triton, _int4_triton
 
+# the runtime arguments of tc and tcg (same launcher shape)
+_TC_SIGNATURE = {
+    "xp_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
+    "ws_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "N": "i32", "KW": "i32", "G": "i32",
+    "up_offset": "i32", "stride_xt": "i32", "stride_yt": "i32", "groups_per_split": "i32",
+}  # fmt: skip
+
 
 def compile_tc(args: argparse.Namespace):
-    sig = {
-        "xp_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
-        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "N": "i32", "KW": "i32", "G": "i32",
-        "up_offset": "i32", "stride_xt": "i32", "stride_yt": "i32", "groups_per_split": "i32",
-    }  # fmt: skip
+    sig = dict(_TC_SIGNATURE)
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, PERMUTE_OUT=args.fused, GROUP=128, BN=args.bn,
         BT=args.bt, PRE_SCALE=args.pre_scale, USE_ASM=True, DOT_FP32=False, NS=args.stages,
@@ -69,11 +72,7 @@ def compile_tcg(args: argparse.Namespace):
 
     from duoserve.quant import _int4_tcg_gluon
 
-    sig = {
-        "xp_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
-        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "N": "i32", "KW": "i32", "G": "i32",
-        "up_offset": "i32", "stride_xt": "i32", "stride_yt": "i32", "groups_per_split": "i32",
-    }  # fmt: skip
+    sig = dict(_TC_SIGNATURE)
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, W=args.warps, SPLIT=args.split,
         DEPTH=3 if args.prefetch else 1,

@@ -15,10 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from duoserve.bench.int4_kernels import _bench_cold, _copies, _nbytes, measure_hbm_gbps
+from duoserve.bench.int4_kernels import (
+    SHAPES,
+    _bench_cold,
+    _copies,
+    _expert,
+    _nbytes,
+    measure_hbm_gbps,
+)
 from duoserve.quant import _int4_triton as K
 from duoserve.quant import triton_kernels as tk
-from duoserve.quant.int4 import quantize_expert_int4
 from duoserve.quant.triton_kernels import KernelConfig
 
 mode = sys.argv[1]
@@ -74,10 +80,8 @@ elif mode == "l1":
     K._stream_tile = _tile_l1
 tk.set_autotune(False)
 bw = measure_hbm_gbps(torch.device("cuda"))
-h, i = 4096, 14336
-gen = torch.Generator(device="cuda").manual_seed(0)
-mats = [torch.randn(r, c, generator=gen, device="cuda") * 0.02 for r, c in ((i, h), (i, h), (h, i))]
-buf, lay = quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
+h, i = SHAPES["mixtral"]
+buf, lay, *_ = _expert("mixtral", torch.device("cuda"))  # the bench's expert
 
 
 def S(bn, bk, w, **kw):

@@ -9,24 +9,24 @@ import torch
 import torch.nn.functional as F
 
 from duoserve.bench.int4_kernels import (
+    SHAPES,
     _bench_cold,
     _copies,
+    _expert,
     _nbytes,
     _read_ceiling_us,
     _rel,
     measure_hbm_gbps,
 )
 from duoserve.quant import triton_kernels as tk
-from duoserve.quant.int4 import dequantize_int4, quantize_expert_int4
+from duoserve.quant.int4 import dequantize_int4
 from duoserve.quant.triton_kernels import KernelConfig
 
 tk.set_autotune(False)
 bw = measure_hbm_gbps(torch.device("cuda"))
 print(f"HBM {bw:.0f} GB/s")
-h, i = 4096, 14336
-gen = torch.Generator(device="cuda").manual_seed(0)
-mats = [torch.randn(r, c, generator=gen, device="cuda") * 0.02 for r, c in ((i, h), (i, h), (h, i))]
-buf, lay = quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
+h, i = SHAPES["mixtral"]
+buf, lay, *_ = _expert("mixtral", torch.device("cuda"))  # the bench's expert
 
 
 def S(bn, bk, warps, **kw):
