@@ -103,7 +103,7 @@ def tcg(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, T, N, KW, G, up_of
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=ACC, k_width=2)
     row0 = gl.program_id(0) * BM
     # the words load as [BM rows, 16 words] in WL: lane l holds words 4a .. 4a + 3 (a = l % 4)
-    # of rows l / 4 and l / 4 + 8, in that register order (16-byte loads); _as_operand
+    # of rows l / 4 and l / 4 + 8, in that register order (16-byte loads); _group_mma
     # relabels the columns (word 4a + 2e + b -> column 8e + 2a + b) into the MMA's A layout
     WL: gl.constexpr = _word_layout(W)
     ra = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, WL))

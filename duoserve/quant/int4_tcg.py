@@ -46,6 +46,7 @@ def tcg_matmul(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
 
     qweight, scales, zeros = w
     t, k = x.shape
+    assert available(x.device), f"tcg needs an sm_80+ CUDA device and Gluon (got {x.device})"
     assert supports(group_size, t), f"tcg: group {group_size} (needs 128), {t} tokens (<= 8)"
     n_rows, kw = qweight.shape
     assert k == 8 * kw, f"x has {k} inputs, the weights {8 * kw}"

@@ -173,7 +173,7 @@ PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
     (4096, 14336, False, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
     (28672, 4096, True, 2): KernelConfig(
         "stream", 1, 1024, 2, 1, 1, prefetch=True, one_pass=True, ahead=2
-    ),  # bench/results/stream-probe-h100-session9.log: 41.6-42.0 us vs 43.6-44.7 us
+    ),  # stream-probe-h100-session9*.log: 41.6-42.0 us; v6 pinned config 43.7 us
     (4096, 14336, False, 4): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
     (28672, 4096, True, 4): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, True),
     (4096, 14336, False, 8): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
