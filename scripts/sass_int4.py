@@ -49,14 +49,15 @@ def compile_tc(args: argparse.Namespace):
 
 def compile_stream(args: argparse.Namespace):
     sig = {
-        "xp_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16",
+        "xp_ptr": "*i32" if args.half else "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16",
+        "z_ptr": "*u8", "y_ptr": "*bf16",
         "T": "i32", "N": "i32", "KW": "i32", "up_offset": "i32", "stride_y": "i32",
         "stride_q": "i32", "stride_s": "i32", "magic": "i32",
     }  # fmt: skip
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, GROUP=128, BN=args.bn, G=args.bk // 128, BT=args.bt,
         NS=args.stages, PREFETCH=args.prefetch, SX=args.k // 8, EVEN=True, PDL=True,
-        ONE_PASS=args.one_pass, AHEAD=args.ahead,
+        ONE_PASS=args.one_pass, AHEAD=args.ahead, HALF=1 if args.half else 0,
     )  # fmt: skip
     for name in consts:
         sig[name] = "constexpr"
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--prefetch", action="store_true")
     parser.add_argument("--one-pass", action="store_true", help="stream: fused in one pass")
     parser.add_argument("--ahead", type=int, default=1, help="stream: prefetch depth in steps")
+    parser.add_argument("--half", action="store_true", help="stream: fp16x2 products")
     parser.add_argument("--wide", action="store_true", help="tc: wide scale / zero loads")
     parser.add_argument("--split", action="store_true", help="tc: compile the split-K reduction")
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")

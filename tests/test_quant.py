@@ -399,6 +399,9 @@ INTERPRETER_CASES = [
     (KernelConfig("stream", 16, 64, 1, prefetch=True, one_pass=True, ahead=2), 1, False),
     (KernelConfig("stream", 32, 128, 2, one_pass=True), 2, True),
     (KernelConfig("stream", 16, 64, 4, prefetch=True, ahead=2), 3, True),
+    (KernelConfig("stream", 32, 64, 1, prefetch=True, half=True), 1, False),
+    (KernelConfig("stream", 16, 128, 2, one_pass=True, half=True), 2, True),
+    (KernelConfig("stream", 16, 64, 4, prefetch=True, ahead=2, half=True), 3, False),
     (KernelConfig("gemv", 32, split_k=3, prefetch=True), 1, False),
     (KernelConfig("gemv", 64, split_k=2, unroll=2), 1, True),
     (KernelConfig("mma", 16, block_t=16, split_k=2), 3, False),
@@ -424,6 +427,44 @@ def _check_stream_precision() -> None:
     assert _rel(out.double(), x.double() @ w_ref.T) < 1e-5
 
 
+def _xh_reference(x: torch.Tensor, block_t: int, sx: int) -> torch.Tensor:
+    # prep_xh's output from its definition: per 4-word chunk the power of two putting max |x|
+    # in [32, 64); rows 0..3 fp16 pairs {x~[8w + i], x~[8w + i + 4]} (/ 16 for odd i); row 4
+    # the chunk's inverse power of two as fp32 bits
+    t, k = x.shape
+    xf = torch.zeros(block_t, 8 * sx)
+    xf[:t, :k] = x.float()
+    chunks = xf.view(block_t, sx // 4, 32)
+    biased = ((chunks.abs().amax(-1).view(torch.int32) >> 23) & 255).clamp(min=6)
+    scale = ((259 - biased) << 23).view(torch.float32)
+    xs = (chunks * scale[..., None]).view(block_t, sx, 2, 4)
+    f = torch.tensor([1.0, 1 / 16, 1.0, 1 / 16])
+    lo = (xs[:, :, 0] * f).half().view(torch.int16).int() & 0xFFFF
+    hi = (xs[:, :, 1] * f).half().view(torch.int16).int()
+    inv = ((biased - 5) << 23).repeat_interleave(4, dim=1)
+    return torch.cat([(lo | (hi << 16)).transpose(1, 2), inv[:, None]], dim=1)
+
+
+def _check_prep_xh() -> None:
+    # zeros, huge, tiny and mixed chunks, a padding token and words past K: bit for bit
+    from duoserve.quant.triton_kernels import _kernels
+
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(13))
+    x[0, :32] = 0.0
+    x[0, 32:64] *= 1e30
+    x[1, 64:96] *= 1e-30
+    x[2, 96:128] = torch.where(torch.arange(32) % 2 == 0, 1e4, 1e-4)
+    x = x.bfloat16()
+    block_t, sx = 4, 40
+    xp = torch.full((block_t, 5, sx), -1, dtype=torch.int32)
+    _kernels().prep_xh[(block_t, 2)](
+        x, xp, 3, 32, x.stride(0), SX=sx, BW=32, PDL=False, num_warps=1
+    )  # fmt: skip
+    assert torch.equal(xp, _xh_reference(x, block_t, sx)), "prep_xh"
+    pairs = xp[:, :4].contiguous().view(torch.float16).float()  # x~ per input, unscaled
+    assert pairs.abs().max() < 64, "a chunk's max |x~| must stay below 64"
+
+
 def run_interpreter_checks() -> None:
     """Triton kernels vs fp32 references at tiny shapes; needs TRITON_INTERPRET=1 set before
     triton is first imported, hence a fresh process (see test_triton_kernels_interpreted)."""
@@ -431,6 +472,7 @@ def run_interpreter_checks() -> None:
         _check_kernel_case(config, num_tokens, symmetric)
     _check_dequant_and_expert()
     _check_stream_precision()
+    _check_prep_xh()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -510,6 +552,45 @@ def test_stream_variants_gpu_real_shapes(shape: str) -> None:
         y = torch.full((t, h), float("nan"), device="cuda")
         int4_linear(a, *down, 128, out=y, config=cfg)
         assert _rel(y, a.float() @ w_d.T) < 1e-4, (shape, cfg, "down")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_stream_half_gpu_real_shapes(shape: str) -> None:
+    # fp16x2 products (half) against fp64 references, fp32 outputs: plain x, 1% outliers of
+    # 100x, and x spanning 1e-6..1e6 (beyond fp16's range: each chunk is rescaled)
+    h, i = GPU_SHAPES[shape]
+    buffer, layout = _gpu_expert(h, i)
+    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
+    w_gu = dequantize_int4(*gate_up, 128, dtype=torch.float32).double()
+    w_d = dequantize_int4(*down, 128, dtype=torch.float32).double()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    configs = [
+        KernelConfig("stream", 1, 1024, 1, 1, prefetch=True, one_pass=True, ahead=2, half=True),
+        KernelConfig("stream", 4, 2048, 2, 2, prefetch=True, half=True),
+        KernelConfig("stream", 2, 1024, 4, 1, prefetch=True, half=True),  # K = 14336: masked
+    ]
+
+    def inputs(t: int, k: int):
+        x = torch.randn(t, k, generator=gen, device="cuda")
+        outliers = torch.rand(t, k, generator=gen, device="cuda") < 0.01
+        wide = 10.0 ** (torch.rand(t, k, generator=gen, device="cuda") * 12 - 6)
+        wide *= torch.randint(0, 2, (t, k), generator=gen, device="cuda") * 2 - 1
+        return {"plain": x, "outliers": x * (1 + 99 * outliers), "wide": wide}
+
+    for cfg in configs:
+        t = cfg.block_t
+        for label, x in inputs(t, h).items():
+            x = x.bfloat16()
+            gate, up = (x.double() @ w_gu.T).chunk(2, dim=1)
+            act = torch.full((t, i), float("nan"), device="cuda")
+            int4_gate_up_silu(x, *gate_up, 128, out=act, config=cfg)
+            assert _rel(act.double(), F.silu(gate) * up) < 1e-3, (shape, cfg, label, "gate_up")
+        for label, a in inputs(t, i).items():
+            a = a.bfloat16()
+            y = torch.full((t, h), float("nan"), device="cuda")
+            int4_linear(a, *down, 128, out=y, config=cfg)
+            assert _rel(y.double(), a.double() @ w_d.T) < 1e-3, (shape, cfg, label, "down")
 
 
 @pytest.mark.gpu

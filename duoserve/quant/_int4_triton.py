@@ -103,6 +103,90 @@ def prep_x(x_ptr, xp_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
     tl.store(base + 9 * SX + w, -tl.sum(xs, axis=1), mask=inside)
 
 
+def _half_dot_asm() -> str:
+    # pack=4 over the 4 consecutive words a thread owns of one (group, row): $0..$3 <- acc
+    # ($4..$7) with $0 += s ($8) * sum over the words ($12..$15) of sum_j (q_j - z) x~_j, the
+    # products summed in fp16x2 (two chains, 16 products each, then one add), converted once.
+    # $16: {1024 + z} x2, $20: {1024 + 16 z} x2 (fp16); $24 + 4 i + k: x~ pair i of word k (see
+    # prep_xh). (w & 0x000f000f) | 0x64006400 is {1024 + q_0, 1024 + q_4}; with mask
+    # 0x00f000f0 it is {1024 + 16 q_1, 1024 + 16 q_5}, met by x~ / 16; w >> 8 gives q_2, q_6
+    # and q_3, q_7 the same way. Inputs are copied before any output is written.
+    lines = [
+        ".reg .b32 t, p, ha, hb, z0, z1, a1, a2, a3;",
+        ".reg .b16 lo, hi;",
+        ".reg .f32 fa, fb;",
+        "mov.b32 z0, $16;",
+        "mov.b32 z1, $20;",
+        "mov.b32 a1, $5;",
+        "mov.b32 a2, $6;",
+        "mov.b32 a3, $7;",
+        "mov.b32 ha, 0;",
+        "mov.b32 hb, 0;",
+    ]
+    for k in range(4):
+        q = f"${12 + k}"
+        lines.append(f"shr.u32 t, {q}, 8;")
+        for i in range(4):
+            mask = "0x000f000f" if i % 2 == 0 else "0x00f000f0"
+            lines.append(f"lop3.b32 p, {q if i < 2 else 't'}, {mask}, 0x64006400, 0xea;")
+            lines.append(f"sub.f16x2 p, p, {'z0' if i % 2 == 0 else 'z1'};")
+            h = "ha" if i < 2 else "hb"
+            lines.append(f"fma.rn.f16x2 {h}, p, ${24 + 4 * i + k}, {h};")
+    lines += [
+        "add.f16x2 ha, ha, hb;",
+        "mov.b32 {lo, hi}, ha;",
+        "cvt.f32.f16 fa, lo;",
+        "cvt.f32.f16 fb, hi;",
+        "add.f32 fa, fa, fb;",
+        "fma.rn.f32 $0, fa, $8, $4;",
+        "mov.b32 $1, a1;",
+        "mov.b32 $2, a2;",
+        "mov.b32 $3, a3;",
+    ]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_HALF_DOT = tl.constexpr(_half_dot_asm())
+_HALF_CONSTRAINTS = tl.constexpr("=f," * 4 + "f," * 8 + "r," * 27 + "r")
+
+
+@triton.jit
+def prep_xh(x_ptr, xh_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
+            PDL: tl.constexpr):  # fmt: skip
+    # x [T, 8 KW] -> xh [BT, 5, SX] int32 for the fp16 stream (HALF); grid (BT, SX / BW). Per
+    # chunk of 4 words (the 32 inputs one stream thread sums in fp16), x~ = x 2^e with 2^e
+    # the power of two putting the chunk's max |x| in [32, 64), so its 32 products
+    # |q - z| |x~| <= 15 * 64 sum below fp16's 65504, and bf16 x is exact in fp16. Row i < 4,
+    # word w: the fp16 pair {x~[8w + i], x~[8w + i + 4]}, divided by 16 for odd i; row 4, word
+    # w: 2^-e of w's chunk (fp32 bits). Zero past word KW and token T (no masks downstream)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    t = tl.program_id(0)
+    w = tl.program_id(1) * BW + tl.arange(0, BW)
+    ok = (w[:, None] < KW) & (t < T)
+    x_offs = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
+    xv = tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
+    chunk_max = tl.max(tl.reshape(tl.abs(xv), (BW // 4, 32)), axis=1)
+    biased = (chunk_max.to(tl.int32, bitcast=True) >> 23) & 255
+    biased = tl.maximum(biased, 6)  # 0 (all zeros) and tiny maxima: a normal 2^-e
+    scale = ((259 - biased) << 23).to(tl.float32, bitcast=True)  # 2^(132 - biased)
+    inv = ((biased - 5) << 23).to(tl.int32)  # bits of 2^(biased - 132)
+    scale = tl.reshape(tl.broadcast_to(scale[:, None], (BW // 4, 4)), (BW,))
+    inv = tl.reshape(tl.broadcast_to(inv[:, None], (BW // 4, 4)), (BW,))
+    xs = tl.reshape(xv * scale[:, None], (BW, 2, 4))  # [w, h, i]: x~[8w + 4h + i]
+    lo, hi = tl.split(tl.permute(xs, (0, 2, 1)))  # [BW, 4]: i and i + 4
+    f = tl.where(tl.arange(0, 4) % 2 == 1, 0.0625, 1.0)[None, :]
+    lo = (lo * f).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = (hi * f).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    base = xh_ptr + t * 5 * SX
+    inside = w < SX
+    tl.store(
+        base + tl.arange(0, 4)[None, :] * SX + w[:, None], lo | (hi << 16), mask=inside[:, None]
+    )
+    tl.store(base + 4 * SX + w, inv, mask=inside)
+
+
 @triton.jit
 def _pair_bits(q, jp: tl.constexpr):
     # the word shifted so that nibble 2 jp starts at bit 15 and nibble 2 jp + 1 at bit 19
@@ -152,23 +236,71 @@ def _tok_step(acc, q, s, z, xp_ptrs, magic, t: tl.constexpr, SX: tl.constexpr):
 
 
 @triton.jit
+def _tok_step_h(acc, q, s, z, xh_ptrs, t: tl.constexpr, SX: tl.constexpr,
+                USE_ASM: tl.constexpr):  # fmt: skip
+    # HALF: acc [G, BN, WG] += s * sum_j (q_j - z) x~_j of token t over one step, the products
+    # summed in fp16x2 per thread and (group, row) (_HALF_DOT); without asm (the interpreter)
+    # the same x~ pairs in fp32
+    xt = xh_ptrs + t * 5 * SX
+    s = s * tl.load(xt + 4 * SX).to(tl.float32, bitcast=True)  # the chunk's 2^-e
+    x0 = tl.load(xt)
+    x1 = tl.load(xt + SX)
+    x2 = tl.load(xt + 2 * SX)
+    x3 = tl.load(xt + 3 * SX)
+    if USE_ASM:
+        zi = z.to(tl.int32)
+        z0 = tl.broadcast_to((zi | 0x6400) * 65537, q.shape)
+        z1 = tl.broadcast_to(((zi << 4) | 0x6400) * 65537, q.shape)
+        return tl.inline_asm_elementwise(
+            _HALF_DOT, _HALF_CONSTRAINTS,
+            [acc, s, q, z0, z1, tl.broadcast_to(x0, q.shape),
+             tl.broadcast_to(x1, q.shape), tl.broadcast_to(x2, q.shape),
+             tl.broadcast_to(x3, q.shape)],
+            dtype=tl.float32, is_pure=True, pack=4,
+        )  # fmt: skip
+    p = _half_pair(q, z, x0, 0) + _half_pair(q, z, x1, 1)
+    p += _half_pair(q, z, x2, 2) + _half_pair(q, z, x3, 3)
+    return acc + s * p
+
+
+@triton.jit
+def _half_pair(q, z, xi, i: tl.constexpr):
+    # (q_i - z) x~_i + (q_{i+4} - z) x~_{i+4} from the fp16 pair xi (x~ / 16 for odd i), in fp32
+    f: tl.constexpr = 16.0 if i % 2 == 1 else 1.0
+    lo = (xi & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = ((xi >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    n_lo = ((q >> (4 * i)) & 15).to(tl.float32)
+    n_hi = ((q >> (4 * i + 16)) & 15).to(tl.float32)
+    return ((n_lo - z) * lo + (n_hi - z) * hi) * f
+
+
+@triton.jit
 def _stream_step(acc0, acc1, acc2, acc3, q, s, z, xp_ptrs, magic, BT: tl.constexpr,
-                 SX: tl.constexpr):  # fmt: skip
-    # the step for tokens t < BT (the nibble bits are recomputed per token: ptxas keeps them)
-    acc0 = _tok_step(acc0, q, s, z, xp_ptrs, magic, 0, SX)
+                 SX: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
+    # the step for tokens t < BT (the nibble bits are recomputed per token: ptxas keeps them).
+    # HALF 0: fp32 lifted products (prep_x); 1: fp16x2 asm (prep_xh); 2: its fp32 emulation
+    acc0 = _tok(acc0, q, s, z, xp_ptrs, magic, 0, SX, HALF)
     if BT > 1:
-        acc1 = _tok_step(acc1, q, s, z, xp_ptrs, magic, 1, SX)
+        acc1 = _tok(acc1, q, s, z, xp_ptrs, magic, 1, SX, HALF)
     if BT > 2:
-        acc2 = _tok_step(acc2, q, s, z, xp_ptrs, magic, 2, SX)
-        acc3 = _tok_step(acc3, q, s, z, xp_ptrs, magic, 3, SX)
+        acc2 = _tok(acc2, q, s, z, xp_ptrs, magic, 2, SX, HALF)
+        acc3 = _tok(acc3, q, s, z, xp_ptrs, magic, 3, SX, HALF)
     return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _tok(acc, q, s, z, xp_ptrs, magic, t: tl.constexpr, SX: tl.constexpr, HALF: tl.constexpr):
+    if HALF:
+        return _tok_step_h(acc, q, s, z, xp_ptrs, t, SX, HALF == 1)
+    return _tok_step(acc, q, s, z, xp_ptrs, magic, t, SX)
 
 
 @triton.jit
 def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magic,
                  HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr,
                  BT: tl.constexpr, NS: tl.constexpr, PREFETCH: tl.constexpr, SX: tl.constexpr,
-                 EVEN: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
+                 EVEN: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr,
+                 HALF: tl.constexpr):  # fmt: skip
     # rows [BN] -> y_t [BN] = sum_k W[rows, k] x_t[k] for tokens t < BT (zeros for t >= T).
     # PREFETCH: the tiles of the next AHEAD (1 or 2) steps load into registers before this
     # step computes, so a program keeps its loads in flight while it computes (NS > 1 goes
@@ -202,7 +334,7 @@ def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magi
                 q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw_n, KW, HAS_ZEROS, WG, EVEN
             )
             acc0, acc1, acc2, acc3 = _stream_step(
-                acc0, acc1, acc2, acc3, q, s, z, xp_ptr + kw0 + word, magic, BT, SX
+                acc0, acc1, acc2, acc3, q, s, z, xp_ptr + kw0 + word, magic, BT, SX, HALF
             )
             if AHEAD > 1:
                 q, s, z = q1, s1, z1
@@ -217,7 +349,7 @@ def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magi
                 q_ptrs, s_ptr, z_ptr, sz_offs, g_ids, kw0, KW, HAS_ZEROS, WG, EVEN
             )
             acc0, acc1, acc2, acc3 = _stream_step(
-                acc0, acc1, acc2, acc3, q, s, z, xp_ptr + kw0 + word, magic, BT, SX
+                acc0, acc1, acc2, acc3, q, s, z, xp_ptr + kw0 + word, magic, BT, SX, HALF
             )
     return (
         tl.sum(tl.sum(acc0, axis=2), axis=0),
@@ -242,8 +374,10 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, s
            stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
            BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, NS: tl.constexpr,
            PREFETCH: tl.constexpr, SX: tl.constexpr, EVEN: tl.constexpr,
-           PDL: tl.constexpr, ONE_PASS: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
-    # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x) (row stride SX);
+           PDL: tl.constexpr, ONE_PASS: tl.constexpr, AHEAD: tl.constexpr,
+           HALF: tl.constexpr):  # fmt: skip
+    # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x) (row stride SX),
+    # or with HALF from xp = prep_xh(x) (fp16x2 products, see _tok_step_h);
     # FUSED: silu(gate) * up, up rows at up_offset: a second pass over the same x', or with
     # ONE_PASS one pass over 2 BN rows, gate and up interleaved (x' loaded once for both, no
     # pipeline restart between the passes); EVEN: the steps of G groups tile K. PDL: launched
@@ -259,7 +393,7 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, s
         both = tl.where(out_rows < N, out_rows, 0).to(tl.int64) + (i % 2) * up_offset
         p0, p1, p2, p3 = _stream_pass(
             xp_ptr, qw_ptr, s_ptr, z_ptr, both, KW, stride_q, stride_s, magic,
-            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL, AHEAD,
+            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL, AHEAD, HALF,
         )  # fmt: skip
         o0, u0 = tl.split(tl.reshape(p0, (BN, 2)))
         o1, u1 = tl.split(tl.reshape(p1, (BN, 2)))
@@ -269,13 +403,13 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, s
         rows_in = tl.where(row_mask, rows, 0).to(tl.int64)  # clamped: loads stay in bounds
         o0, o1, o2, o3 = _stream_pass(
             xp_ptr, qw_ptr, s_ptr, z_ptr, rows_in, KW, stride_q, stride_s, magic,
-            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL, AHEAD,
+            HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, PDL, AHEAD, HALF,
         )  # fmt: skip
         u0, u1, u2, u3 = o0, o1, o2, o3
         if FUSED:
             u0, u1, u2, u3 = _stream_pass(
                 xp_ptr, qw_ptr, s_ptr, z_ptr, rows_in + up_offset, KW, stride_q, stride_s,
-                magic, HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, False, AHEAD,
+                magic, HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, False, AHEAD, HALF,
             )  # fmt: skip
     _stream_store(y_ptr, o0, u0, rows, row_mask, 0, T, stride_y, FUSED)
     if BT > 1:

@@ -46,7 +46,9 @@ class KernelConfig:
     stream load the next step while computing this one, tc the next group's scales; wide_sz:
     tc loads scales and zero points several groups wide, so they pipeline with the weights;
     one_pass: fused stream walks the gate and up rows together, interleaved, in one pass;
-    ahead: stream with prefetch loads this many steps (1 or 2) ahead."""
+    ahead: stream with prefetch loads this many steps (1 or 2) ahead; half: stream sums its
+    products in fp16x2 on x rescaled per token by a power of two (prep_xh; ~1e-3 relative
+    error against ~1e-6 for the fp32 path)."""
 
     kernel: str  # stream gemv mma dequant w4a16 w4a16_b tc tc_s tcg
     block_n: int
@@ -60,6 +62,7 @@ class KernelConfig:
     wide_sz: bool = False
     one_pass: bool = False
     ahead: int = 1
+    half: bool = False
 
 
 # kind -> configs; the first is the untuned default. stream tiles keep every warp on K (block_k
@@ -87,6 +90,16 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(_S, 2, 1024, 1, 1, 1),
         KernelConfig(_S, 1, 1024, 1, 1, 1, prefetch=True, one_pass=True, ahead=2),
         KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True, ahead=2),
+        # fp16x2 products (half-probe-h100-session10.log)
+        KernelConfig(_S, 1, 1024, 1, 1, 1, prefetch=True, one_pass=True, ahead=2, half=True),
+        KernelConfig(_S, 1, 1024, 1, 1, 1, prefetch=True, one_pass=True, half=True),
+        KernelConfig(_S, 2, 1024, 1, 1, 1, prefetch=True, one_pass=True, half=True),
+        KernelConfig(_S, 2, 1024, 1, 1, 1, prefetch=True, half=True),
+        KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True, half=True),
+        KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True, ahead=2, half=True),
+        KernelConfig(_S, 4, 2048, 1, 2, 1, prefetch=True, half=True),
+        KernelConfig(_S, 2, 2048, 1, 2, 1, prefetch=True, half=True),
+        KernelConfig(_S, 8, 2048, 1, 2, 1, prefetch=True, half=True),
     ],
     "stream2": [
         KernelConfig(_S, 4, 4096, 2, 4, 1),
@@ -100,11 +113,22 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(_S, 2, 1024, 2, 1, 1, prefetch=True),
         KernelConfig(_S, 1, 1024, 2, 1, 1, prefetch=True, one_pass=True, ahead=2),
         KernelConfig(_S, 2, 2048, 2, 2, 1, prefetch=True, ahead=2),
+        KernelConfig(_S, 1, 1024, 2, 1, 1, prefetch=True, one_pass=True, half=True),
+        KernelConfig(_S, 2, 1024, 2, 1, 1, prefetch=True, one_pass=True, half=True),
+        KernelConfig(_S, 4, 1024, 2, 1, 1, prefetch=True, half=True),
+        KernelConfig(_S, 4, 1024, 2, 1, 1, prefetch=True, ahead=2, half=True),
+        KernelConfig(_S, 4, 2048, 2, 2, 1, prefetch=True, half=True),
+        KernelConfig(_S, 2, 2048, 2, 2, 1, prefetch=True, ahead=2, half=True),
     ],
     "stream4": [
         KernelConfig(_S, 2, 4096, 4, 4, 1),
         KernelConfig(_S, 2, 2048, 4, 2, 1),
         KernelConfig(_S, 1, 4096, 4, 4, 1),
+        KernelConfig(_S, 1, 1024, 4, 1, 1, prefetch=True, one_pass=True, half=True),
+        KernelConfig(_S, 2, 1024, 4, 1, 1, prefetch=True, one_pass=True, half=True),
+        KernelConfig(_S, 2, 1024, 4, 1, 1, prefetch=True, half=True),
+        KernelConfig(_S, 4, 1024, 4, 1, 1, prefetch=True, half=True),
+        KernelConfig(_S, 2, 2048, 4, 2, 1, prefetch=True, half=True),
     ],
     "gemv": [  # round 1: the best three of bench/results/int4-kernels-h100.json
         KernelConfig("gemv", 64, num_warps=4, prefetch=True),
@@ -161,31 +185,40 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
 
 # (weight rows N, K, fused gate/up, token bucket) -> config; paste the GPU bench's "PINNED"
 # output here. Buckets: 1, 2, 4, 8, 16 (decode), 32..512 (fused prefill), 0 (dequant).
-# Decode buckets 1, 2, 4 and dequant (0): bench/results/int4-kernels-h100-v6.log (H100, round 6,
-# decode ranked by cold-L2 time, see docs/int4.md), except Mixtral gate/up at 2 tokens (round 7
-# probe, same cold-L2 method); 8, 16: round 5's (...-v5.log); 512
+# Decode buckets 1, 2, 4 and dequant (0): bench/results/int4-kernels-h100-v8.log (H100, round 8,
+# decode ranked by cold-L2 time, see docs/int4.md); 8, 16: round 5's (...-v5.log); 512
 # (PREFILL_MODE "fused" only): round 3's.
 # Positional: KernelConfig(kernel, block_n, block_k, block_t, num_warps, num_stages, split_k,
 # unroll, prefetch[, wide_sz]).
 PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
-    (4096, 14336, False, 1): KernelConfig("stream", 4, 2048, 1, 2, 1, 0, 1, True),
-    (28672, 4096, True, 1): KernelConfig("stream", 2, 1024, 1, 1, 1, 0, 1, True),
-    (4096, 14336, False, 2): KernelConfig("stream", 4, 2048, 2, 2, 1, 0, 1, False),
+    (4096, 14336, False, 1): KernelConfig(_S, 2, 2048, 1, 2, 1, prefetch=True, half=True),
+    (28672, 4096, True, 1): KernelConfig(
+        _S, 1, 1024, 1, 1, 1, prefetch=True, one_pass=True, ahead=2, half=True
+    ),
+    (4096, 14336, False, 2): KernelConfig(_S, 4, 1024, 2, 1, 1, prefetch=True, half=True),
     (28672, 4096, True, 2): KernelConfig(
-        "stream", 1, 1024, 2, 1, 1, prefetch=True, one_pass=True, ahead=2
-    ),  # stream-probe-h100-session9*.log: 41.6-42.0 us; v6 pinned config 43.7 us
-    (4096, 14336, False, 4): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
-    (28672, 4096, True, 4): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, True),
+        _S, 2, 1024, 2, 1, 1, prefetch=True, one_pass=True, half=True
+    ),
+    (4096, 14336, False, 4): KernelConfig(_S, 4, 1024, 4, 1, 1, prefetch=True, half=True),
+    (28672, 4096, True, 4): KernelConfig(
+        _S, 2, 1024, 4, 1, 1, prefetch=True, one_pass=True, half=True
+    ),
     (4096, 14336, False, 8): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
     (28672, 4096, True, 8): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, False, True),
     (4096, 14336, False, 16): KernelConfig("tc", 64, 0, 16, 4, 4, 4, 1, False),
     (28672, 4096, True, 16): KernelConfig("tc", 128, 0, 16, 4, 3, 1, 1, True),
-    (2048, 768, False, 1): KernelConfig("stream", 4, 1024, 1, 1, 1, 0, 1, True),
-    (1536, 2048, True, 1): KernelConfig("stream", 4, 2048, 1, 2, 1, 0, 1, False),
-    (2048, 768, False, 2): KernelConfig("stream", 4, 1024, 2, 1, 1, 0, 1, True),
-    (1536, 2048, True, 2): KernelConfig("stream", 2, 2048, 2, 2, 1, 0, 1, False),
-    (2048, 768, False, 4): KernelConfig("stream", 2, 2048, 4, 2, 1, 0, 1, False),
-    (1536, 2048, True, 4): KernelConfig("stream", 2, 2048, 4, 2, 1, 0, 1, False),
+    (2048, 768, False, 1): KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True),
+    (1536, 2048, True, 1): KernelConfig(
+        _S, 2, 1024, 1, 1, 1, prefetch=True, one_pass=True, half=True
+    ),
+    (2048, 768, False, 2): KernelConfig(_S, 4, 1024, 2, 1, 1, prefetch=True, half=True),
+    (1536, 2048, True, 2): KernelConfig(
+        _S, 1, 1024, 2, 1, 1, prefetch=True, one_pass=True, ahead=2
+    ),
+    (2048, 768, False, 4): KernelConfig(_S, 4, 1024, 4, 1, 1, prefetch=True, half=True),
+    (1536, 2048, True, 4): KernelConfig(
+        _S, 2, 1024, 4, 1, 1, prefetch=True, one_pass=True, half=True
+    ),
     (2048, 768, False, 8): KernelConfig("mma", 64, 0, 16, 4, 3, 12, 1, False),
     (1536, 2048, True, 8): KernelConfig("mma", 64, 0, 16, 4, 2, 0, 2, False),
     (2048, 768, False, 16): KernelConfig("mma", 64, 0, 16, 4, 2, 0, 2, False),
@@ -323,9 +356,19 @@ def _check_weights(qweight, scales, zeros, group_size) -> tuple[int, int]:
     return n, k
 
 
+def _half(cfg: KernelConfig, group_size: int, step: int) -> bool:
+    # fp16x2 products sum 4 consecutive words of one group and row per asm instance (pack=4):
+    # groups of >= 4 words, and >= 4 words of a step per thread (with fewer, triton gives the
+    # tile 2 words per thread and the 4 packed elements span two rows: H100 sweep, Qwen3 down
+    # at K = 768 with 2 warps). Else, or with DUOSERVE_INT4_FP32=1, the fp32 path runs. The
+    # interpreter's emulation (no asm, no layouts) runs at any step
+    ok = group_size >= 32 and (_interpreting() or step >= 4 * 32 * cfg.num_warps)
+    return cfg.half and ok and os.environ.get("DUOSERVE_INT4_FP32") != "1"
+
+
 def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
-    # prep_x: x [T, K] -> xp [block_t, 10, K / 8 rounded up to whole steps] fp32, zero-padded;
-    # then stream over the row blocks
+    # prep_x: x [T, K] -> xp [block_t, 10, K / 8 rounded up to whole steps] fp32, zero-padded
+    # (half: prep_xh, xp [block_t, 5, ...] int32); then stream over the row blocks
     kernels = _kernels()
     qweight, scales, zeros = w
     (t, k), n_rows = x.shape, qweight.shape[0]
@@ -335,19 +378,26 @@ def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
     groups = min(max(1, cfg.block_k // group_size), 1 << (num_groups - 1).bit_length())
     step = groups * group_size // 8  # words per step
     sx = -(-kw // step) * step
-    xp = torch.empty(cfg.block_t, 10, sx, dtype=torch.float32, device=x.device)
     pdl = _pdl(x.device)
-    kernels.prep_x[(cfg.block_t, -(-sx // 32))](
-        x, xp, t, kw, x.stride(0), SX=sx, BW=32, PDL=pdl, num_warps=1, launch_pdl=pdl
-    )
+    half = _half(cfg, group_size, step)
+    if half:
+        xp = torch.empty(cfg.block_t, 5, sx, dtype=torch.int32, device=x.device)
+        kernels.prep_xh[(cfg.block_t, -(-sx // 32))](
+            x, xp, t, kw, x.stride(0), SX=sx, BW=32, PDL=pdl, num_warps=1, launch_pdl=pdl
+        )
+    else:
+        xp = torch.empty(cfg.block_t, 10, sx, dtype=torch.float32, device=x.device)
+        kernels.prep_x[(cfg.block_t, -(-sx // 32))](
+            x, xp, t, kw, x.stride(0), SX=sx, BW=32, PDL=pdl, num_warps=1, launch_pdl=pdl
+        )
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     kernels.stream[(-(-n_out // cfg.block_n),)](
         xp, qweight, scales, z, y, t, n_out, kw, n_out, y.stride(0), qweight.stride(0),
         scales.stride(0), kernels.STREAM_MAGIC, HAS_ZEROS=zeros is not None, FUSED=fused,
         GROUP=group_size, BN=cfg.block_n, G=groups, BT=cfg.block_t, NS=cfg.num_stages,
         PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0, PDL=pdl, ONE_PASS=cfg.one_pass,
-        AHEAD=cfg.ahead, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, launch_pdl=pdl,
+        AHEAD=cfg.ahead, HALF=(2 if _interpreting() else 1) if half else 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
 
