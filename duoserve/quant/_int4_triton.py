@@ -19,6 +19,9 @@ a quarter of the FMA rate).
   BN rows), nothing crosses threads until the one reduction per program. No split-K.
   On sm_90 ``prep_x`` and ``stream`` are launched as programmatic dependents (PDL): stream's
   programs start while prep_x runs, load their first weights, then wait for x'.
+  HALF (``KernelConfig.half``): ``prep_xh`` writes x as fp16 pairs rescaled per 4-word chunk
+  by a power of two, and one asm block (``_HALF_DOT``) sums a thread's 32 products of a
+  (group, row) in fp16x2 (LOP3 + HSUB2 + HFMA2 per weight pair), ~5e-4 relative error.
 - Round-1 magic: nibble j is masked *in place* and OR-ed into the bits of 2^23, giving the
   float 2^23 + q * 2^pos (pos < 20, exact); subtracting 2^23 gives q * 2^pos exactly, and
   2^-pos is folded into x.
