@@ -2,13 +2,9 @@
 the Mixtral decode shape (1 and 2 tokens), cold L2 (the bench's method), each checked against
 an fp32 reference (plain and with 1% outliers of 100x), next to the read ceiling; then the
 1-token and 2-token expert through expert_forward_int4 with the fastest config of each op.
-First the precision of both paths (fp32 outputs against fp64), unless --no-precision;
---persist adds configs whose programs walk row blocks (`KernelConfig.persist`).
 
-    PYTHONPATH=$PWD python3 scripts/half_probe.py [--no-precision] [--persist]
+    PYTHONPATH=$PWD python3 scripts/half_probe.py
 """
-
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -83,18 +79,12 @@ def name(c: KernelConfig) -> str:
         + (f" a{c.ahead}" if c.prefetch else "")
         + (" 1p" if c.one_pass else "")
         + (" half" if c.half else "")
-        + (f" persist{c.persist}" if c.persist else "")
     )
 
 
 gen = torch.Generator(device="cuda").manual_seed(3)
-if "--persist" in sys.argv:
-    for op, fused in (("gate_up", True), ("down", False)):
-        base = HALF[op][:3] if fused else [H(2, 2048, 2), H(4, 2048, 2), H(4, 1024, 1)]
-        for p in (2, 4, 8):
-            HALF[op] += [KernelConfig(**{**c.__dict__, "persist": p}) for c in base]
 # precision: fp32 outputs against fp64 references, 1 token, the fp32 and the fp16x2 path
-for op, fused in (("gate_up", True), ("down", False)) if "--no-precision" not in sys.argv else ():
+for op, fused in (("gate_up", True), ("down", False)):
     w = lay.gate_up_views(buf) if fused else lay.down_views(buf)
     w64 = dequantize_int4(*w, 128, dtype=torch.float32).double()
     k = w64.shape[1]

@@ -58,7 +58,6 @@ def compile_stream(args: argparse.Namespace):
         HAS_ZEROS=True, FUSED=args.fused, GROUP=128, BN=args.bn, G=args.bk // 128, BT=args.bt,
         NS=args.stages, PREFETCH=args.prefetch, SX=args.k // 8, EVEN=True, PDL=True,
         ONE_PASS=args.one_pass, AHEAD=args.ahead, HALF=1 if args.half else 0,
-        PERSIST=False,
     )  # fmt: skip
     for name in consts:
         sig[name] = "constexpr"

@@ -402,8 +402,6 @@ INTERPRETER_CASES = [
     (KernelConfig("stream", 32, 64, 1, prefetch=True, half=True), 1, False),
     (KernelConfig("stream", 16, 128, 2, one_pass=True, half=True), 2, True),
     (KernelConfig("stream", 16, 64, 4, prefetch=True, ahead=2, half=True), 3, False),
-    (KernelConfig("stream", 16, 64, 1, prefetch=True, half=True, persist=1), 1, True),
-    (KernelConfig("stream", 8, 128, 2, one_pass=True, persist=1), 2, False),
     (KernelConfig("gemv", 32, split_k=3, prefetch=True), 1, False),
     (KernelConfig("gemv", 64, split_k=2, unroll=2), 1, True),
     (KernelConfig("mma", 16, block_t=16, split_k=2), 3, False),

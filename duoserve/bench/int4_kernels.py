@@ -521,7 +521,6 @@ def _config_name(c: dict) -> str:
             + (f" p{c.get('ahead', 1)}" if c["prefetch"] else "")
             + (" 1p" if c.get("one_pass") else "")
             + (" h" if c.get("half") else "")
-            + (f" x{c['persist']}" if c.get("persist") else "")
         )
     return (
         f"{c['kernel']} n{c['block_n']} t{c['block_t']} w{c['num_warps']} s{c['num_stages']} "

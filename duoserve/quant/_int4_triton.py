@@ -378,45 +378,21 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, s
            BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, NS: tl.constexpr,
            PREFETCH: tl.constexpr, SX: tl.constexpr, EVEN: tl.constexpr,
            PDL: tl.constexpr, ONE_PASS: tl.constexpr, AHEAD: tl.constexpr,
-           HALF: tl.constexpr, PERSIST: tl.constexpr):  # fmt: skip
+           HALF: tl.constexpr):  # fmt: skip
     # y [T, N] = x [T, K] @ W^T for T <= BT (1, 2 or 4) from xp = prep_x(x) (row stride SX),
     # or with HALF from xp = prep_xh(x) (fp16x2 products, see _tok_step_h);
     # FUSED: silu(gate) * up, up rows at up_offset: a second pass over the same x', or with
     # ONE_PASS one pass over 2 BN rows, gate and up interleaved (x' loaded once for both, no
     # pipeline restart between the passes); EVEN: the steps of G groups tile K. PDL: launched
     # as prep_x's programmatic dependent: weights load before x' is ready, and the next kernel
-    # (the down matrix's prep_x) may launch early (it waits for y). grid (N / BN,), or with
-    # PERSIST fewer programs, each walking row blocks pid, pid + programs, ...
+    # (the down matrix's prep_x) may launch early (it waits for y). grid (N / BN,)
     if PDL:
         gdc_launch_dependents()
-    if PERSIST:
-        for blk in range(tl.program_id(0), tl.cdiv(N, BN), tl.num_programs(0)):
-            _stream_block(
-                blk, xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y,
-                stride_q, stride_s, magic, HAS_ZEROS, FUSED, GROUP, BN, G, BT, NS, PREFETCH, SX,
-                EVEN, PDL, ONE_PASS, AHEAD, HALF,
-            )  # fmt: skip
-    else:
-        _stream_block(
-            tl.program_id(0), xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset,
-            stride_y, stride_q, stride_s, magic, HAS_ZEROS, FUSED, GROUP, BN, G, BT, NS,
-            PREFETCH, SX, EVEN, PDL, ONE_PASS, AHEAD, HALF,
-        )  # fmt: skip
-
-
-@triton.jit
-def _stream_block(blk, xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y,
-                  stride_q, stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
-                  GROUP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
-                  NS: tl.constexpr, PREFETCH: tl.constexpr, SX: tl.constexpr,
-                  EVEN: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr,
-                  AHEAD: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
-    # the outputs of row block blk (see stream)
-    rows = blk * BN + tl.arange(0, BN)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
     row_mask = rows < N
     if FUSED and ONE_PASS:
         i = tl.arange(0, 2 * BN)
-        out_rows = blk * BN + i // 2
+        out_rows = tl.program_id(0) * BN + i // 2
         both = tl.where(out_rows < N, out_rows, 0).to(tl.int64) + (i % 2) * up_offset
         p0, p1, p2, p3 = _stream_pass(
             xp_ptr, qw_ptr, s_ptr, z_ptr, both, KW, stride_q, stride_s, magic,

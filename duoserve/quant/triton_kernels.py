@@ -48,8 +48,7 @@ class KernelConfig:
     one_pass: fused stream walks the gate and up rows together, interleaved, in one pass;
     ahead: stream with prefetch loads this many steps (1 or 2) ahead; half: stream sums its
     products in fp16x2 on x rescaled per token by a power of two (prep_xh; ~1e-3 relative
-    error against ~1e-6 for the fp32 path); persist: stream runs this many programs per SM,
-    each walking row blocks (0: one program per row block)."""
+    error against ~1e-6 for the fp32 path)."""
 
     kernel: str  # stream gemv mma dequant w4a16 w4a16_b tc tc_s tcg
     block_n: int
@@ -64,7 +63,6 @@ class KernelConfig:
     one_pass: bool = False
     ahead: int = 1
     half: bool = False
-    persist: int = 0
 
 
 # kind -> configs; the first is the untuned default. stream tiles keep every warp on K (block_k
@@ -393,16 +391,12 @@ def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
             x, xp, t, kw, x.stride(0), SX=sx, BW=32, PDL=pdl, num_warps=1, launch_pdl=pdl
         )
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
-    blocks = -(-n_out // cfg.block_n)
-    if cfg.persist:
-        blocks = min(blocks, cfg.persist * _num_sms(x.device))
-    kernels.stream[(blocks,)](
+    kernels.stream[(-(-n_out // cfg.block_n),)](
         xp, qweight, scales, z, y, t, n_out, kw, n_out, y.stride(0), qweight.stride(0),
         scales.stride(0), kernels.STREAM_MAGIC, HAS_ZEROS=zeros is not None, FUSED=fused,
         GROUP=group_size, BN=cfg.block_n, G=groups, BT=cfg.block_t, NS=cfg.num_stages,
         PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0, PDL=pdl, ONE_PASS=cfg.one_pass,
         AHEAD=cfg.ahead, HALF=(2 if _interpreting() else 1) if half else 0,
-        PERSIST=cfg.persist > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
