@@ -526,15 +526,20 @@ def test_kernels_gpu_real_shapes(shape: str) -> None:
         assert torch.equal(scratch, dequantize_int4(*w, 128)), "dequant kernel not bit-exact"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_stream_variants_gpu_real_shapes(shape: str) -> None:
-    # gate and up in one pass, prefetch two steps ahead (EVEN and masked K), fp32 outputs
+def _gpu_ops(shape: str):
+    # (H, I, gate/up views, down views, their fp32 dequantized weights) of the shape's expert
     h, i = GPU_SHAPES[shape]
     buffer, layout = _gpu_expert(h, i)
     gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     w_gu = dequantize_int4(*gate_up, 128, dtype=torch.float32)
-    w_d = dequantize_int4(*down, 128, dtype=torch.float32)
+    return h, i, gate_up, down, w_gu, dequantize_int4(*down, 128, dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_stream_variants_gpu_real_shapes(shape: str) -> None:
+    # gate and up in one pass, prefetch two steps ahead (EVEN and masked K), fp32 outputs
+    h, i, gate_up, down, w_gu, w_d = _gpu_ops(shape)
     gen = torch.Generator(device="cuda").manual_seed(4)
     configs = [
         KernelConfig("stream", 1, 1024, 1, 1, prefetch=True, one_pass=True, ahead=2),
@@ -559,11 +564,8 @@ def test_stream_variants_gpu_real_shapes(shape: str) -> None:
 def test_stream_half_gpu_real_shapes(shape: str) -> None:
     # fp16x2 products (half) against fp64 references, fp32 outputs: plain x, 1% outliers of
     # 100x, and x spanning 1e-6..1e6 (beyond fp16's range: each chunk is rescaled)
-    h, i = GPU_SHAPES[shape]
-    buffer, layout = _gpu_expert(h, i)
-    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    w_gu = dequantize_int4(*gate_up, 128, dtype=torch.float32).double()
-    w_d = dequantize_int4(*down, 128, dtype=torch.float32).double()
+    h, i, gate_up, down, w_gu, w_d = _gpu_ops(shape)
+    w_gu, w_d = w_gu.double(), w_d.double()
     gen = torch.Generator(device="cuda").manual_seed(5)
     configs = [
         KernelConfig("stream", 1, 1024, 1, 1, prefetch=True, one_pass=True, ahead=2, half=True),

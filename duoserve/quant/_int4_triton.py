@@ -84,12 +84,10 @@ def _stream_lift():
 
 
 @triton.jit
-def prep_x(x_ptr, xp_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
-           PDL: tl.constexpr):  # fmt: skip
-    # x [T, 8 KW] -> xp [BT, 10, SX] fp32 (see the module docstring), zero past token T and
-    # word KW, so the stream kernel's x' loads need no masks; grid (BT, SX / BW). PDL: launched
-    # as a programmatic dependent (x may be the previous kernel's output), and lets the stream
-    # kernel launch at once (it waits for xp)
+def _prep_words(x_ptr, T, KW, stride_x, BW: tl.constexpr, PDL: tl.constexpr):
+    # program (t, block): token t, words w [BW] and x[t, 8 w + j] as fp32 [BW, 8], zero past
+    # token T and word KW. PDL: launched as a programmatic dependent (x may be the previous
+    # kernel's output); the stream kernel may launch at once (it waits for this one's output)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -97,7 +95,15 @@ def prep_x(x_ptr, xp_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
     w = tl.program_id(1) * BW + tl.arange(0, BW)
     ok = (w[:, None] < KW) & (t < T)
     x_offs = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
-    xv = tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
+    return t, w, tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def prep_x(x_ptr, xp_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
+           PDL: tl.constexpr):  # fmt: skip
+    # x [T, 8 KW] -> xp [BT, 10, SX] fp32 (see the module docstring), zero past token T and
+    # word KW, so the stream kernel's x' loads need no masks; grid (BT, SX / BW)
+    t, w, xv = _prep_words(x_ptr, T, KW, stride_x, BW, PDL)
     xs = xv * _stream_lift()[None, :]
     base = xp_ptr + t * 10 * SX
     inside = w < SX
@@ -162,14 +168,7 @@ def prep_xh(x_ptr, xh_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
     # |q - z| |x~| <= 15 * 64 sum below fp16's 65504, and bf16 x is exact in fp16. Row i < 4,
     # word w: the fp16 pair {x~[8w + i], x~[8w + i + 4]}, divided by 16 for odd i; row 4, word
     # w: 2^-e of w's chunk (fp32 bits). Zero past word KW and token T (no masks downstream)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    t = tl.program_id(0)
-    w = tl.program_id(1) * BW + tl.arange(0, BW)
-    ok = (w[:, None] < KW) & (t < T)
-    x_offs = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
-    xv = tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
+    t, w, xv = _prep_words(x_ptr, T, KW, stride_x, BW, PDL)
     chunk_max = tl.max(tl.reshape(tl.abs(xv), (BW // 4, 32)), axis=1)
     biased = (chunk_max.to(tl.int32, bitcast=True) >> 23) & 255
     biased = tl.maximum(biased, 6)  # 0 (all zeros) and tiny maxima: a normal 2^-e
