@@ -140,19 +140,23 @@ def compile_wgp(args: argparse.Namespace):
         "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "T": "i32", "N": "i32", "KW": "i32",
         "G": "i32", "up_offset": "i32", "stride_yt": "i32",
     }  # fmt: skip
-    consts = dict(HAS_ZEROS=True, FUSED=args.fused, BM=args.bt, BN=args.bn, XS=args.stages)
+    if args.kernel == "wgr":
+        consts = dict(HAS_ZEROS=True, FUSED=args.fused, BT=args.bt, XS=args.stages)
+    else:
+        consts = dict(HAS_ZEROS=True, FUSED=args.fused, BM=args.bt, BN=args.bn, XS=args.stages)
     for name in consts:
         sig[name] = "constexpr"
     div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_yt")]
     attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = GluonASTSource(_int4_wgp_gluon.wgp, sig, constexprs=consts, attrs=attrs)
+    fn = _int4_wgp_gluon.wgr if args.kernel == "wgr" else _int4_wgp_gluon.wgp
+    src = GluonASTSource(fn, sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": args.warps}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kernel", choices=["tc", "stream", "tcg", "wgp"])
+    parser.add_argument("kernel", choices=["tc", "stream", "tcg", "wgp", "wgr"])
     parser.add_argument("--bk", type=int, default=4096, help="stream: inputs per step")
     parser.add_argument("--k", type=int, default=4096, help="stream: K (x' row stride)")
     parser.add_argument("--bn", type=int, default=64)
@@ -170,7 +174,8 @@ def main() -> None:
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
     args = parser.parse_args()
     compile_fn = {
-        "tc": compile_tc, "stream": compile_stream, "tcg": compile_tcg, "wgp": compile_wgp
+        "tc": compile_tc, "stream": compile_stream, "tcg": compile_tcg, "wgp": compile_wgp,
+        "wgr": compile_wgp,
     }[args.kernel]  # fmt: skip
     k = compile_fn(args)
     sass = sass_of(k.asm["cubin"])

@@ -20,17 +20,18 @@ for t in (512, 100):
     x = torch.randn(t, h, device=dev).bfloat16()
     g, u = (x.float() @ w_gu.T).chunk(2, dim=1)
     act_ref = F.silu(g) * u
-    act = torch.full((t, i), float("nan"), device=dev, dtype=torch.bfloat16)
-    wgp_matmul(x, gate_up, 128, act, True)
     a = act_ref.bfloat16()
-    y = torch.full((t, h), float("nan"), device=dev, dtype=torch.bfloat16)
-    wgp_matmul(a, down, 128, y, False)
     y_ref = a.float() @ w_d.T
-    e = _rel(expert_forward_wgp(x, buf, lay), _bf16_expert(x)(wgu16, wd16))
-    print(
-        f"T={t}: gate/up rel err {_rel(act, act_ref):.1e}, down {_rel(y, y_ref):.1e},"
-        f" expert vs bf16 cuBLAS expert {e:.1e}"
-    )
+    for bt in (0, 128, 256):  # 0: wgp; else wgr with bt tokens per CTA
+        act = torch.full((t, i), float("nan"), device=dev, dtype=torch.bfloat16)
+        wgp_matmul(x, gate_up, 128, act, True, bt)
+        y = torch.full((t, h), float("nan"), device=dev, dtype=torch.bfloat16)
+        wgp_matmul(a, down, 128, y, False, bt)
+        e = _rel(expert_forward_wgp(x, buf, lay, bt, bt), _bf16_expert(x)(wgu16, wd16))
+        print(
+            f"T={t} bt={bt}: gate/up rel err {_rel(act, act_ref):.1e}, down {_rel(y, y_ref):.1e},"
+            f" expert vs bf16 cuBLAS expert {e:.1e}"
+        )
 x = torch.randn(512, h, device=dev).bfloat16()
 act = torch.empty(512, i, device=dev, dtype=torch.bfloat16)
 a = torch.randn(512, i, device=dev).bfloat16()
@@ -40,12 +41,19 @@ t_bf16 = _bench(lambda: bf16(wgu16, wd16)) * 1e3
 t_gu16 = _bench(lambda: x @ wgu16.T) * 1e3
 t_d16 = _bench(lambda: a @ wd16.T) * 1e3
 t_deq = _bench(lambda: tk.expert_forward_int4(x, buf, lay)) * 1e3
-t_gu = _bench(lambda: wgp_matmul(x, gate_up, 128, act, True)) * 1e3
-t_d = _bench(lambda: wgp_matmul(a, down, 128, y, False)) * 1e3
-t_wgp = _bench(lambda: expert_forward_wgp(x, buf, lay)) * 1e3
 print(f"T=512 bf16 cuBLAS: expert {t_bf16:.1f} us (gate/up GEMM {t_gu16:.1f}, down {t_d16:.1f})")
 print(f"T=512 dequant + cuBLAS (engine path): {t_deq:.1f} us = {100 * (t_deq / t_bf16 - 1):+.1f}%")
+best = {}
+for bt in (0, 128, 256):
+    t_gu = _bench(lambda bt=bt: wgp_matmul(x, gate_up, 128, act, True, bt)) * 1e3
+    t_d = _bench(lambda bt=bt: wgp_matmul(a, down, 128, y, False, bt)) * 1e3
+    best["gu"] = min(best.get("gu", (1e9, 0)), (t_gu, bt))
+    best["d"] = min(best.get("d", (1e9, 0)), (t_d, bt))
+    label = f"wgr bt={bt}" if bt else "wgp"
+    print(f"T=512 {label}: gate/up + silu {t_gu:.1f} us, down {t_d:.1f} us")
+bg, bd = best["gu"][1], best["d"][1]
+t_e = _bench(lambda: expert_forward_wgp(x, buf, lay, bg, bd)) * 1e3
 print(
-    f"T=512 wgp: gate/up + silu {t_gu:.1f} us, down {t_d:.1f} us, expert {t_wgp:.1f} us ="
-    f" {100 * (t_wgp / t_bf16 - 1):+.1f}% vs bf16"
+    f"T=512 expert (gate/up bt={bg}, down bt={bd}): {t_e:.1f} us ="
+    f" {100 * (t_e / t_bf16 - 1):+.1f}% vs bf16 cuBLAS"
 )
