@@ -128,35 +128,9 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def compile_wgp(args: argparse.Namespace):
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from duoserve.quant import _int4_wgp_gluon
-
-    layout = gl.NVMMASharedLayout.get_default_for([args.bt, 64], gl.bfloat16)
-    sig = {
-        "x_desc": f"tensordesc<bf16[{args.bt}, 64],{layout!r}>", "qw_ptr": "*i32",
-        "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "T": "i32", "N": "i32", "KW": "i32",
-        "G": "i32", "up_offset": "i32", "stride_yt": "i32",
-    }  # fmt: skip
-    if args.kernel == "wgr":
-        consts = dict(HAS_ZEROS=True, FUSED=args.fused, BT=args.bt, XS=args.stages)
-    else:
-        consts = dict(HAS_ZEROS=True, FUSED=args.fused, BM=args.bt, BN=args.bn, XS=args.stages)
-    for name in consts:
-        sig[name] = "constexpr"
-    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_yt")]
-    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
-    fn = _int4_wgp_gluon.wgr if args.kernel == "wgr" else _int4_wgp_gluon.wgp
-    src = GluonASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": args.warps}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kernel", choices=["tc", "stream", "tcg", "wgp", "wgr"])
+    parser.add_argument("kernel", choices=["tc", "stream", "tcg"])
     parser.add_argument("--bk", type=int, default=4096, help="stream: inputs per step")
     parser.add_argument("--k", type=int, default=4096, help="stream: K (x' row stride)")
     parser.add_argument("--bn", type=int, default=64)
@@ -173,10 +147,7 @@ def main() -> None:
     parser.add_argument("--split", action="store_true", help="tc: compile the split-K reduction")
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
     args = parser.parse_args()
-    compile_fn = {
-        "tc": compile_tc, "stream": compile_stream, "tcg": compile_tcg, "wgp": compile_wgp,
-        "wgr": compile_wgp,
-    }[args.kernel]  # fmt: skip
+    compile_fn = {"tc": compile_tc, "stream": compile_stream, "tcg": compile_tcg}[args.kernel]
     k = compile_fn(args)
     sass = sass_of(k.asm["cubin"])
     if args.dump:
