@@ -30,21 +30,27 @@ _TC_SIGNATURE = {
 }  # fmt: skip
 
 
+def _compile(source, fn, sig: dict, consts: dict, div16: tuple, warps: int, stages: int):
+    # sm_90 compile of fn; div16: the non-pointer arguments a real launch specializes as
+    # divisible by 16 (pointers always are)
+    sig = {**sig, **{name: "constexpr" for name in consts}}
+    names = [n for n in sig if n.endswith("_ptr") or n in div16]
+    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in names}
+    src = source(fn, sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def compile_tc(args: argparse.Namespace):
-    sig = dict(_TC_SIGNATURE)
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, PERMUTE_OUT=args.fused, GROUP=128, BN=args.bn,
         BT=args.bt, PRE_SCALE=args.pre_scale, USE_ASM=True, DOT_FP32=False, NS=args.stages,
         PREFETCH=args.prefetch, SPLIT=args.split, WIDE=args.wide,
     )  # fmt: skip
-    for name in consts:
-        sig[name] = "constexpr"
-    # what a real launch specializes: pointers, and sizes / strides divisible by 16
-    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_xt")]
-    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = ASTSource(_int4_tc_triton.tc, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": args.warps, "num_stages": args.stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return _compile(
+        ASTSource, _int4_tc_triton.tc, _TC_SIGNATURE, consts, ("KW", "G", "stride_xt"),
+        args.warps, args.stages,
+    )  # fmt: skip
 
 
 def compile_stream(args: argparse.Namespace):
@@ -59,13 +65,9 @@ def compile_stream(args: argparse.Namespace):
         NS=args.stages, PREFETCH=args.prefetch, SX=args.k // 8, EVEN=True, PDL=True,
         ONE_PASS=args.one_pass, AHEAD=args.ahead, HALF=1 if args.half else 0,
     )  # fmt: skip
-    for name in consts:
-        sig[name] = "constexpr"
-    div16 = [n for n in sig if n.endswith("_ptr") or n == "stride_q"]
-    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = ASTSource(_int4_triton.stream, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": args.warps, "num_stages": args.stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return _compile(
+        ASTSource, _int4_triton.stream, sig, consts, ("stride_q",), args.warps, args.stages
+    )
 
 
 def compile_tcg(args: argparse.Namespace):
@@ -73,18 +75,14 @@ def compile_tcg(args: argparse.Namespace):
 
     from duoserve.quant import _int4_tcg_gluon
 
-    sig = dict(_TC_SIGNATURE)
     consts = dict(
         HAS_ZEROS=True, FUSED=args.fused, W=args.warps, SPLIT=args.split,
         DEPTH=3 if args.prefetch else 1,
     )  # fmt: skip
-    for name in consts:
-        sig[name] = "constexpr"
-    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_xt")]
-    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = GluonASTSource(_int4_tcg_gluon.tcg, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": args.warps, "num_stages": 1}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return _compile(
+        GluonASTSource, _int4_tcg_gluon.tcg, _TC_SIGNATURE, consts, ("KW", "G", "stride_xt"),
+        args.warps, 1,
+    )  # fmt: skip
 
 
 def sass_of(cubin: bytes) -> str:
