@@ -8,27 +8,14 @@ an fp32 reference (plain and with 1% outliers of 100x), next to the read ceiling
 
 import torch
 import torch.nn.functional as F
+from _probe import expert_rows, setup
 
-from duoserve.bench.int4_kernels import (
-    SHAPES,
-    _bench_cold,
-    _copies,
-    _expert,
-    _nbytes,
-    _read_ceiling_us,
-    _rel,
-    measure_hbm_gbps,
-)
+from duoserve.bench.int4_kernels import _bench_cold, _copies, _nbytes, _read_ceiling_us, _rel
 from duoserve.quant import triton_kernels as tk
 from duoserve.quant.int4 import dequantize_int4
 from duoserve.quant.triton_kernels import KernelConfig
 
-tk.set_autotune(False)
-bw = measure_hbm_gbps(torch.device("cuda"))
-print(f"HBM {bw:.0f} GB/s")
-h, i = SHAPES["mixtral"]
-buf, lay, *_ = _expert("mixtral", torch.device("cuda"))  # the bench's expert
-PIN0 = dict(tk.PINNED)
+bw, h, i, buf, lay = setup()
 
 
 def S(bn, bk, warps, **kw):
@@ -159,22 +146,4 @@ for op, fused in (("gate_up", True), ("down", False)):
             if err < 1e-2 and ((op, t) not in best or us < best[(op, t)][1]):
                 best[(op, t)] = (cfg, us)
     del copies
-ecopies = _copies((buf,))
-roof = _nbytes(buf) / bw / 1e3
-for t in (1, 2):
-    x = torch.randn(t, h, device="cuda").bfloat16()
-    ref = tk.expert_forward_int4(x, buf, lay)
-    keys = {
-        "gate_up": (2 * i, h, True, tk.token_bucket(t)),
-        "down": (h, i, False, tk.token_bucket(t)),
-    }
-    for label in ("pinned", "probe best", "pinned", "probe best"):
-        for op, key in keys.items():
-            tk.PINNED[key] = best[(op, t)][0] if label == "probe best" else PIN0[key]
-        us = 1e3 * _bench_cold(lambda b, x=x: tk.expert_forward_int4(x, b, lay), ecopies)
-        err = _rel(tk.expert_forward_int4(x, buf, lay).float(), ref.float())
-        cfgs = " + ".join(name(tk.PINNED[k]) for k in keys.values())
-        print(
-            f"expert T={t} ({label}: {cfgs}): {us:.1f} us = {100 * roof / us:.1f}% of"
-            f" {roof:.1f} us; vs pinned rel {err:.1e}"
-        )
+expert_rows(bw, buf, lay, best, (1, 2), ("pinned", "probe best", "pinned", "probe best"), name)

@@ -1,0 +1,56 @@
+"""Shared parts of the GPU probe scripts (scripts/*_probe.py): the bench's Mixtral expert, and
+the whole expert through expert_forward_int4 with given configs pinned."""
+
+from collections.abc import Callable
+
+import torch
+
+from duoserve.bench.int4_kernels import (
+    SHAPES,
+    _bench_cold,
+    _copies,
+    _expert,
+    _nbytes,
+    _rel,
+    measure_hbm_gbps,
+)
+from duoserve.quant import triton_kernels as tk
+
+
+def setup():
+    """Autotuning off, the measured HBM bandwidth (printed) and the bench's Mixtral expert:
+    (GB/s, H, I, buffer, layout)."""
+    tk.set_autotune(False)
+    bw = measure_hbm_gbps(torch.device("cuda"))
+    print(f"HBM {bw:.0f} GB/s")
+    h, i = SHAPES["mixtral"]
+    buf, lay, *_ = _expert("mixtral", torch.device("cuda"))
+    return bw, h, i, buf, lay
+
+
+def expert_rows(bw, buf, lay, best: dict, tokens, labels, name: Callable) -> None:
+    """Per token count: the cold whole expert with PINNED ("pinned") or with best[(op, t)][0]
+    pinned for both ops ("probe best"), each label in turn; PINNED is restored afterwards."""
+    h, i = lay.hidden_size, lay.intermediate_size
+    ecopies = _copies((buf,))
+    roof = _nbytes(buf) / bw / 1e3
+    pinned = dict(tk.PINNED)
+    for t in tokens:
+        x = torch.randn(t, h, device="cuda").bfloat16()
+        ref = tk.expert_forward_int4(x, buf, lay)
+        keys = {
+            "gate_up": (2 * i, h, True, tk.token_bucket(t)),
+            "down": (h, i, False, tk.token_bucket(t)),
+        }
+        for label in labels:
+            for op, key in keys.items():
+                tk.PINNED[key] = best[(op, t)][0] if label == "probe best" else pinned[key]
+            us = 1e3 * _bench_cold(lambda b, x=x: tk.expert_forward_int4(x, b, lay), ecopies)
+            err = _rel(tk.expert_forward_int4(x, buf, lay), ref)
+            cfgs = " + ".join(name(tk.PINNED[k]) for k in keys.values())
+            print(
+                f"expert T={t} ({label}: {cfgs}): {us:.1f} us = {100 * roof / us:.1f}% of"
+                f" {roof:.1f} us; vs pinned rel {err:.1e}"
+            )
+    tk.PINNED.clear()
+    tk.PINNED.update(pinned)
