@@ -85,6 +85,30 @@ def compile_tcg(args: argparse.Namespace):
     )  # fmt: skip
 
 
+def compile_wgs(args: argparse.Namespace):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from duoserve.quant import _int4_wgs_gluon
+
+    layout = gl.NVMMASharedLayout.get_default_for([args.bt, 64], gl.bfloat16)
+    sig = {
+        "x_desc": f"tensordesc<bf16[{args.bt}, 64],{layout!r}>", "qw_ptr": "*i32",
+        "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "T": "i32", "N": "i32", "KW": "i32",
+        "G": "i32", "up_offset": "i32", "stride_yt": "i32",
+    }  # fmt: skip
+    consts = dict(
+        HAS_ZEROS=True, FUSED=args.fused, BM=args.bt, BN=args.bn, S=args.stages,
+        PW=args.producer_warps, PREGS=args.producer_regs, HS=args.hs, AHEAD=args.ahead,
+    )  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_yt")]
+    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = GluonASTSource(_int4_wgs_gluon.wgs, sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": 8, "maxnreg": args.maxnreg}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def sass_of(cubin: bytes) -> str:
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -128,7 +152,7 @@ def main_loop(sass: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kernel", choices=["tc", "stream", "tcg"])
+    parser.add_argument("kernel", choices=["tc", "stream", "tcg", "wgs"])
     parser.add_argument("--bk", type=int, default=4096, help="stream: inputs per step")
     parser.add_argument("--k", type=int, default=4096, help="stream: K (x' row stride)")
     parser.add_argument("--bn", type=int, default=64)
@@ -139,13 +163,21 @@ def main() -> None:
     parser.add_argument("--pre-scale", action="store_true")
     parser.add_argument("--prefetch", action="store_true")
     parser.add_argument("--one-pass", action="store_true", help="stream: fused in one pass")
-    parser.add_argument("--ahead", type=int, default=1, help="stream: prefetch depth in steps")
+    parser.add_argument(
+        "--ahead", type=int, default=1, help="stream: prefetch depth in steps; wgs: groups"
+    )
     parser.add_argument("--half", action="store_true", help="stream: fp16x2 products")
     parser.add_argument("--wide", action="store_true", help="tc: wide scale / zero loads")
     parser.add_argument("--split", action="store_true", help="tc: compile the split-K reduction")
+    parser.add_argument("--producer-warps", type=int, default=4, help="wgs")
+    parser.add_argument("--producer-regs", type=int, default=168, help="wgs")
+    parser.add_argument("--maxnreg", type=int, default=168, help="wgs")
+    parser.add_argument("--hs", type=int, default=1, help="wgs: halves of a group per stage")
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
     args = parser.parse_args()
-    compile_fn = {"tc": compile_tc, "stream": compile_stream, "tcg": compile_tcg}[args.kernel]
+    compile_fn = {
+        "tc": compile_tc, "stream": compile_stream, "tcg": compile_tcg, "wgs": compile_wgs
+    }[args.kernel]  # fmt: skip
     k = compile_fn(args)
     sass = sass_of(k.asm["cubin"])
     if args.dump:
