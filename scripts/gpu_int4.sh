@@ -23,7 +23,7 @@ start=$SECONDS
     | grep -vE "^(mixtral|qwen3|tiny): T=" | tail -60
 rc=${PIPESTATUS[0]}
 if [ "${SMOKE:-0}" != 1 ]; then
-    "$PY" -m pytest tests/test_quant.py tests/test_quant_prefill.py tests/test_quant_tc.py tests/test_quant_tcg.py tests/test_gpu_int4.py -m gpu -o addopts="" -q 2>&1 | tee "$OUT/int4_tests.log" \
+    "$PY" -m pytest tests/test_quant.py tests/test_quant_prefill.py tests/test_quant_tc.py tests/test_quant_tcg.py tests/test_quant_wgs.py tests/test_gpu_int4.py -m gpu -o addopts="" -q 2>&1 | tee "$OUT/int4_tests.log" \
         | tail -15
     rc=$((rc | PIPESTATUS[0]))
 fi

@@ -86,27 +86,15 @@ def compile_tcg(args: argparse.Namespace):
 
 
 def compile_wgs(args: argparse.Namespace):
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from duoserve.quant.int4_wgs import WgsConfig, compile_sm90
 
-    from duoserve.quant import _int4_wgs_gluon
-
-    layout = gl.NVMMASharedLayout.get_default_for([args.bt, 64], gl.bfloat16)
-    sig = {
-        "x_desc": f"tensordesc<bf16[{args.bt}, 64],{layout!r}>", "qw_ptr": "*i32",
-        "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "T": "i32", "N": "i32", "KW": "i32",
-        "G": "i32", "up_offset": "i32", "stride_yt": "i32",
-    }  # fmt: skip
-    consts = dict(
-        HAS_ZEROS=True, FUSED=args.fused, BM=args.bt, BN=args.bn, S=args.stages,
-        PW=args.producer_warps, PREGS=args.producer_regs, HS=args.hs, AHEAD=args.ahead,
+    cfg = WgsConfig(
+        bm=args.bt, bn=args.bn, stages=args.stages, halves_per_stage=args.hs, ahead=args.ahead,
+        split_k=2 if args.split else 1, swap=not args.no_swap,
+        producer_warps=args.producer_warps, producer_regs=args.producer_regs,
+        maxnreg=args.maxnreg,
     )  # fmt: skip
-    sig.update({name: "constexpr" for name in consts})
-    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_yt")]
-    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = GluonASTSource(_int4_wgs_gluon.wgs, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": 8, "maxnreg": args.maxnreg}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return compile_sm90(cfg, args.fused)
 
 
 def sass_of(cubin: bytes) -> str:
@@ -172,6 +160,7 @@ def main() -> None:
     parser.add_argument("--producer-warps", type=int, default=4, help="wgs")
     parser.add_argument("--producer-regs", type=int, default=168, help="wgs")
     parser.add_argument("--maxnreg", type=int, default=168, help="wgs")
+    parser.add_argument("--no-swap", action="store_true", help="wgs: x as the A operand")
     parser.add_argument("--hs", type=int, default=1, help="wgs: halves of a group per stage")
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass here")
     args = parser.parse_args()

@@ -610,10 +610,13 @@ def test_expert_forward_gpu_real_shapes(shape: str) -> None:
 
 
 @pytest.mark.gpu
-def test_experts_prefill_overlapped_gpu() -> None:
+def test_experts_prefill_overlapped_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # dequant of expert e+1 on a side stream: the same outputs as one expert after the other
+    # on the dequant + cuBLAS path (the one experts_prefill_overlapped overlaps)
+    from duoserve.quant import triton_kernels
     from duoserve.quant.int4_prefill import experts_prefill_overlapped
 
+    monkeypatch.setattr(triton_kernels, "PREFILL_MODE", "dequant")
     set_autotune(False)
     h, i = GPU_SHAPES["qwen3-30b-a3b"]
     experts = [_gpu_expert(h, i) for _ in range(3)]

@@ -392,6 +392,7 @@ def bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
     w4a16 = _bench_w4a16(x, layout, buffer, rows, ref)
     deq_us, configs, deq_cfg = _bench_dequant(gate_up, down, wgu_bf16, wd_bf16)
     overlap = _bench_overlap(x, layout, buffer, deq_cfg, ref, compute_us=compute_ms * 1e3)
+    wgs = _bench_wgs(x, layout, buffer, ref, compute_us=compute_ms * 1e3)
     int4_bytes = _nbytes(*gate_up, *down)
     roof_us = (int4_bytes + 2 * 3 * h * i) / bw_gbps / 1e3  # read int4, write bf16
     compute_us = compute_ms * 1e3
@@ -416,6 +417,38 @@ def bench_prefill(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
         dequant_pin=None if deq_cfg is None else dataclasses.asdict(deq_cfg),
         dequant_keys=[(w[0].shape[0], w[0].shape[1] * 8, False, 0) for w in (gate_up, down)],
         **overlap,
+        **wgs,
+    )
+
+
+def _bench_wgs(x, layout, buffer, ref, compute_us) -> dict:
+    """The wgs expert as the engine calls it (int4_wgs.expert_forward_wgs, taken by
+    expert_forward_int4 where int4_wgs.takes), and its two launches by hand on preallocated
+    outputs (less host work per call)."""
+    from duoserve.quant import int4_wgs
+
+    if not (int4_wgs.available(x.device) and int4_wgs.supports(GROUP, layout.scale_torch_dtype)):
+        return {}
+    gu_cfg, d_cfg = int4_wgs.configs_for(x.shape[0], layout, x.device)
+    act = torch.empty(x.shape[0], layout.intermediate_size, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape[0], layout.hidden_size, dtype=x.dtype, device=x.device)
+
+    def by_hand():
+        int4_wgs.wgs_matmul(x, layout.gate_up_views(buffer), GROUP, act, True, gu_cfg)
+        int4_wgs.wgs_matmul(act, layout.down_views(buffer), GROUP, y, False, d_cfg)
+
+    taken = int4_wgs.takes(x.shape[0], layout, x.device)
+    err = _rel(int4_wgs.expert_forward_wgs(x, buffer, layout), ref)
+    engine_us = _bench(lambda: int4_wgs.expert_forward_wgs(x, buffer, layout)) * 1e3
+    hand_us = _bench(by_hand) * 1e3
+    return dict(
+        wgs_taken_by_engine=taken,
+        wgs_expert_us=engine_us,
+        wgs_overhead_pct=100 * (engine_us / compute_us - 1),
+        wgs_launches_us=hand_us,
+        wgs_launches_overhead_pct=100 * (hand_us / compute_us - 1),
+        wgs_rel_err=err,
+        wgs_configs=[dataclasses.asdict(c) for c in (gu_cfg, d_cfg)],
     )
 
 
@@ -628,6 +661,14 @@ def print_tables(rows: list[dict], prefill: list[dict], bw: float, h2d: float) -
                 f"), next expert's dequant on a side stream {p['overlapped_expert_us']:.1f} us "
                 f"(+{p['overlapped_overhead_pct']:.1f}% over bf16; equal outputs: "
                 f"{p['overlapped_equal_serial']})"
+            )
+        if "wgs_expert_us" in p:
+            print(
+                f"  wgs (warp-specialized) expert (expert_forward_wgs; the engine takes it: "
+                f"{p['wgs_taken_by_engine']}) "
+                f"{p['wgs_expert_us']:.1f} us = {p['wgs_overhead_pct']:+.1f}% vs bf16; its two "
+                f"launches by hand {p['wgs_launches_us']:.1f} us = "
+                f"{p['wgs_launches_overhead_pct']:+.1f}%; rel err {p['wgs_rel_err']:.1e}"
             )
         for t, e in _expert_entries(p, "tc_expert_t", "tc expert"):
             print(

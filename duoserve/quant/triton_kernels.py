@@ -10,6 +10,9 @@
   (PREFILL_MODE "dequant"; "fused" uses mma with large token tiles instead).
 - ``w4a16`` / ``w4a16_b`` (prefill): the nibble-plane W4A16 GEMM (int4_gemm.py), weights on
   tensor cores without a bf16 copy; PREFILL_MODE "auto" takes it where PINNED says so.
+- ``wgs`` (prefill, sm_90): the warp-specialized Gluon GEMM (int4_wgs.py): producer warps
+  dequantize into shared memory for two wgmma warpgroups; PREFILL_MODE "auto" takes it on
+  sm_90 for group 128 and bf16 scales.
 
 Config choice per shape: the `PINNED` table (filled from the GPU bench), else timing the
 candidates on first use (CUDA, `set_autotune`), else the first candidate. triton is imported
@@ -31,9 +34,11 @@ import torch.nn.functional as F
 from duoserve.quant.int4 import Int4ExpertLayout, dequantize_int4
 
 MAX_DECODE_TOKENS = 16  # above this expert_forward_int4 takes the prefill path
-# More than MAX_DECODE_TOKENS tokens: "auto": the fused w4a16 GEMM where PINNED holds w4a16
-# configs for both matrices (the GPU bench pins them only where they beat dequant + cuBLAS),
-# else dequant; "dequant": dequantize to scratch + cuBLAS; "fused": the picked mma/w4a16 config
+# More than MAX_DECODE_TOKENS tokens: "auto": wgs where int4_wgs.takes (sm_90, group 128, bf16
+# scales, a gate/up launch that fills the SMs), else the
+# fused w4a16 GEMM where PINNED holds w4a16 configs for both matrices (the GPU bench pins them
+# only where they beat dequant + cuBLAS), else dequant; "wgs": wgs or an error; "dequant":
+# dequantize to scratch + cuBLAS; "fused": the picked mma/w4a16 config
 PREFILL_MODE = "auto"
 STREAM_MAX_TOKENS = 4  # the stream kernel's largest token tile
 
@@ -682,8 +687,9 @@ def expert_forward_int4(
 
     Triton, T <= MAX_DECODE_TOKENS: the fused kernels (no bf16 copy of the weights; where
     PINNED names tc for both matrices, int4_tc.expert_forward_tc: one permute); more
-    tokens: see PREFILL_MODE ("dequant" dequantizes into `scratch`, bf16, >= prefill_scratch_numel
-    elements, allocated when None, and uses cuBLAS). Torch: the reference.
+    tokens: see PREFILL_MODE ("auto" on sm_90: int4_wgs.expert_forward_wgs; "dequant"
+    dequantizes into `scratch`, bf16, >= prefill_scratch_numel elements, allocated when None,
+    and uses cuBLAS). Torch: the reference.
     """
     g = layout.group_size
     small = x.shape[0] <= MAX_DECODE_TOKENS
@@ -693,6 +699,14 @@ def expert_forward_int4(
             from duoserve.quant.int4_tc import expert_forward_tc
 
             return expert_forward_tc(x, buffer, layout, *tc)
+    if not small and _use_triton(x, backend) and PREFILL_MODE in ("auto", "wgs"):
+        from duoserve.quant import int4_wgs
+
+        if PREFILL_MODE == "wgs" or int4_wgs.takes(x.shape[0], layout, x.device):
+            assert int4_wgs.available(x.device) and int4_wgs.supports(
+                g, layout.scale_torch_dtype
+            ), "PREFILL_MODE 'wgs' needs sm_90, group 128 and bf16 scales"
+            return int4_wgs.expert_forward_wgs(x, buffer, layout)
     if not small and _use_triton(x, backend):
         w4a16 = _prefill_w4a16_configs(x.shape[0], layout)
         if w4a16 is not None:
