@@ -54,3 +54,17 @@ def expert_rows(bw, buf, lay, best: dict, tokens, labels, name: Callable) -> Non
             )
     tk.PINNED.clear()
     tk.PINNED.update(pinned)
+
+
+def bench_loop(fn, n: int = 20) -> float:
+    """Microseconds per call of fn, n calls queued back to back (the host runs ahead of the
+    GPU unless its per-call work is longer than the GPU's)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / n

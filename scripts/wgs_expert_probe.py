@@ -6,25 +6,13 @@ L2 flush, for the swap configs.
 """
 
 import torch
+from _probe import bench_loop
 
 from duoserve.bench.int4_kernels import _bench, _bf16_expert, _expert
 from duoserve.quant.int4_wgs import WgsConfig, expert_forward_wgs, wgs_matmul
 
 GU = WgsConfig(bm=256, bn=128, stages=4, ahead=3, swap=True)
 DOWN = WgsConfig(bm=256, bn=128, stages=4, ahead=3, split_k=2, swap=True)
-
-
-def _loop(fn, n: int = 20) -> float:
-    # microseconds per call, n calls queued back to back
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / n
 
 
 dev = torch.device("cuda")
@@ -50,5 +38,5 @@ rows = {
     "expert_forward_wgs": lambda: expert_forward_wgs(x, buf, lay, GU, DOWN),
 }
 for name, fn in rows.items():
-    print(f"{name:24s} do_bench {_bench(fn) * 1e3:7.1f} us   back to back {_loop(fn):7.1f} us",
+    print(f"{name:24s} do_bench {_bench(fn) * 1e3:7.1f} us   back to back {bench_loop(fn):7.1f} us",
           flush=True)  # fmt: skip

@@ -9,6 +9,7 @@ fastest config of each op.
 
 import torch
 import torch.nn.functional as F
+from _probe import bench_loop
 
 from duoserve.bench.int4_kernels import _bench, _bf16_expert, _expert, _rel
 from duoserve.quant import triton_kernels as tk
@@ -27,6 +28,7 @@ def _name(cfg: WgsConfig) -> str:
     return (
         f"bm{cfg.bm} bn{cfg.bn} s{cfg.stages} hs{cfg.halves_per_stage} a{cfg.ahead}"
         f" pw{cfg.producer_warps} split{cfg.split_k} f{cfg.inflight} tail{int(cfg.tail_split)}"
+        f" swap{int(cfg.swap)}"
     )
 
 
@@ -75,21 +77,8 @@ e = _rel(expert_forward_wgs(x, buf, lay, gu_cfg, d_cfg), bf16(wgu16, wd16))
 t_wgs = _bench(lambda: expert_forward_wgs(x, buf, lay, gu_cfg, d_cfg)) * 1e3
 
 
-def _bench_loop(fn, n: int = 20) -> float:
-    # microseconds per call, n calls queued back to back (the host runs ahead of the GPU)
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / n
-
-
-q_bf16 = _bench_loop(lambda: bf16(wgu16, wd16))
-q_wgs = _bench_loop(lambda: expert_forward_wgs(x, buf, lay, gu_cfg, d_cfg))
+q_bf16 = bench_loop(lambda: bf16(wgu16, wd16))
+q_wgs = bench_loop(lambda: expert_forward_wgs(x, buf, lay, gu_cfg, d_cfg))
 print(f"T=512 back to back: bf16 expert {q_bf16:.1f} us, wgs expert {q_wgs:.1f} us"
       f" = {100 * (q_wgs / q_bf16 - 1):+.1f}%")  # fmt: skip
 print(
