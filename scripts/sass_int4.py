@@ -5,6 +5,7 @@ wgmma, and the instruction histogram of the main loop (the longest backward-bran
 
     python scripts/sass_int4.py tc --bn 64 --bt 16 --fused --warps 4 --stages 4
     python scripts/sass_int4.py tc --bn 128 --bt 128 --pre-scale --warps 8 --stages 3 --dump out/
+    python scripts/sass_int4.py wgs --bt 256 --bn 128 --stages 4 --ahead 3 --fused
 """
 
 from __future__ import annotations

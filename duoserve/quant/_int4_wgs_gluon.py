@@ -2,21 +2,25 @@
 lazily by duoserve.quant.int4_wgs. sm_90 only: Gluon has no interpreter, so the CPU tests check
 the launcher's refusals and compile this kernel for sm_90, and the GPU tests run it.
 
-y [T, N] = x [T, K] @ W^T. A CTA owns BM tokens x BN weight rows (FUSED: BN / 2 gate rows and
-the same outputs' BN / 2 up rows, silu(gate) * up in the epilogue) and walks K in steps of half
-a group (64 inputs). Two partitions share a ring of S stages, each stage an x tile [BM, 64] and
-a W tile [BN, 64] in shared memory:
+y [T, N] = x [T, K] @ W^T. A CTA owns BM tokens x BN weight rows (FUSED: the gate and up rows
+of BN / 2 outputs, silu(gate) * up in the epilogue) and walks K (its split's half with SPLIT 2)
+in steps of half a group (HS = 1) or a group (HS = 2). Two partitions share a ring of S stages,
+each stage HS x tiles [BM, 64] and HS W tiles [BN, 64] in shared memory:
 
 - producer (worker, PW warps): per group, loads the [BN, 16] words (AHEAD groups ahead in
   registers), turns each word into 4 bf16 pairs with one inline-asm block ((q - z) * s rounded
   once to bf16, bit for bit `dequantize_int4`'s weights; about 2 instructions per weight) and,
-  per stage, waits for a free stage, issues the x tile's TMA and stores the W tile in natural
+  per stage, waits for a free stage, issues the x tiles' TMA and stores the W tiles in natural
   K order (column 8 v + j is nibble j of the half's word v, so x needs no permutation).
-- consumer (default, 8 warps = two warpgroups of BM / 2 tokens): waits for a full stage, issues
-  one async wgmma over it, waits for the previous step's wgmma and frees that stage.
+- consumer (default, 8 warps = two warpgroups): waits for a full stage, issues its async
+  wgmmas, waits for those of INFLIGHT steps before and frees that step's stage. SWAP: W is the
+  A operand (each warpgroup m64 weight rows x n = BM tokens; gate/up rows interleaved per 16
+  so a thread holds both rows of an output), the epilogue transposes through the x ring; else
+  x is the A operand (each warpgroup BM / 2 tokens x BN rows).
 
 Stage barriers: `ready[s]` completes on two arrivals, the TMA's expect (with its bytes) and the
-producer's arrive after its W stores; `empty[s]` completes on the consumer's arrive.
+producer's arrive after its W stores; `empty[s]` completes on the consumer's arrive. SPLIT 2:
+the second CTA of a tile to finish adds the other's fp32 partial (through ws, counted in cnt).
 """
 
 from __future__ import annotations
