@@ -11,10 +11,12 @@ from duoserve.bench.int4_kernels import (
     _copies,
     _expert,
     _nbytes,
+    _read_ceiling_us,
     _rel,
     measure_hbm_gbps,
 )
 from duoserve.quant import triton_kernels as tk
+from duoserve.quant.int4 import dequantize_int4
 
 
 def setup():
@@ -26,6 +28,20 @@ def setup():
     h, i = SHAPES["mixtral"]
     buf, lay, *_ = _expert("mixtral", torch.device("cuda"))
     return bw, h, i, buf, lay
+
+
+def op_setup(bw, buf, lay, op: str):
+    """One matrix of the expert ("gate_up" fused, or "down"), printed with its roofline and
+    plain-read ceiling: (weights, fp32 weights, cold copies, roofline us, kernel entry)."""
+    fused = op == "gate_up"
+    w = lay.gate_up_views(buf) if fused else lay.down_views(buf)
+    w_ref = dequantize_int4(*w, 128, dtype=torch.float32)
+    copies = _copies(w)
+    roof = _nbytes(*w) / bw / 1e3
+    read = _read_ceiling_us(copies)
+    print(f"== {op}: roofline {roof:.1f} us, plain read {read:.1f} us ({100 * roof / read:.1f}%)")
+    fn = tk.int4_gate_up_silu if fused else tk.int4_linear
+    return w, w_ref, copies, roof, fn
 
 
 def expert_rows(bw, buf, lay, best: dict, tokens, labels, name: Callable) -> None:

@@ -8,9 +8,9 @@ an fp32 reference (plain and with 1% outliers of 100x), next to the read ceiling
 
 import torch
 import torch.nn.functional as F
-from _probe import expert_rows, setup
+from _probe import expert_rows, op_setup, setup
 
-from duoserve.bench.int4_kernels import _bench_cold, _copies, _nbytes, _read_ceiling_us, _rel
+from duoserve.bench.int4_kernels import _bench_cold, _rel
 from duoserve.quant import triton_kernels as tk
 from duoserve.quant.int4 import dequantize_int4
 from duoserve.quant.triton_kernels import KernelConfig
@@ -109,13 +109,7 @@ for op, fused in (("gate_up", True), ("down", False)):
 
 best = {}
 for op, fused in (("gate_up", True), ("down", False)):
-    w = lay.gate_up_views(buf) if fused else lay.down_views(buf)
-    w_ref = dequantize_int4(*w, 128, dtype=torch.float32)
-    copies = _copies(w)
-    roof = _nbytes(*w) / bw / 1e3
-    read = _read_ceiling_us(copies)
-    print(f"== {op}: roofline {roof:.1f} us, plain read {read:.1f} us ({100 * roof / read:.1f}%)")
-    fn = tk.int4_gate_up_silu if fused else tk.int4_linear
+    w, w_ref, copies, roof, fn = op_setup(bw, buf, lay, op)
     for t in (1, 2):
         x = torch.randn(t, w_ref.shape[1], device="cuda", generator=gen).bfloat16()
         out = torch.rand(t, w_ref.shape[1], device="cuda", generator=gen) < 0.01

@@ -7,11 +7,9 @@ bench's method), each checked against an fp32 reference, next to the read ceilin
 
 import torch
 import torch.nn.functional as F
-from _probe import expert_rows, setup
+from _probe import expert_rows, op_setup, setup
 
-from duoserve.bench.int4_kernels import _bench_cold, _copies, _nbytes, _read_ceiling_us, _rel
-from duoserve.quant import triton_kernels as tk
-from duoserve.quant.int4 import dequantize_int4
+from duoserve.bench.int4_kernels import _bench_cold, _rel
 from duoserve.quant.triton_kernels import KernelConfig
 
 bw, h, i, buf, lay = setup()
@@ -63,13 +61,7 @@ def name(c: KernelConfig) -> str:
 
 best = {}
 for op, fused in (("gate_up", True), ("down", False)):
-    w = lay.gate_up_views(buf) if fused else lay.down_views(buf)
-    w_ref = dequantize_int4(*w, 128, dtype=torch.float32)
-    copies = _copies(w)
-    roof = _nbytes(*w) / bw / 1e3
-    read = _read_ceiling_us(copies)
-    print(f"== {op}: roofline {roof:.1f} us, plain read {read:.1f} us ({100 * roof / read:.1f}%)")
-    fn = tk.int4_gate_up_silu if fused else tk.int4_linear
+    w, w_ref, copies, roof, fn = op_setup(bw, buf, lay, op)
     for t in (1, 2, 4, 8):
         x = torch.randn(t, w_ref.shape[1], device="cuda").bfloat16()
         ref = x.float() @ w_ref.T
