@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from duoserve.quant import _int4_tc_triton, _int4_triton
+from duoserve.quant.sm90 import compile_sm90
 
 # the runtime arguments of tc and tcg (same launcher shape)
 _TC_SIGNATURE = {
@@ -32,14 +32,7 @@ _TC_SIGNATURE = {
 
 
 def _compile(source, fn, sig: dict, consts: dict, div16: tuple, warps: int, stages: int):
-    # sm_90 compile of fn; div16: the non-pointer arguments a real launch specializes as
-    # divisible by 16 (pointers always are)
-    sig = {**sig, **{name: "constexpr" for name in consts}}
-    names = [n for n in sig if n.endswith("_ptr") or n in div16]
-    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in names}
-    src = source(fn, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": warps, "num_stages": stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return compile_sm90(source, fn, sig, consts, div16, {"num_warps": warps, "num_stages": stages})
 
 
 def compile_tc(args: argparse.Namespace):

@@ -172,12 +172,10 @@ def expert_forward_wgs(x: torch.Tensor, buffer: torch.Tensor, layout: Int4Expert
 def compile_sm90(cfg: WgsConfig, fused: bool, has_zeros: bool = True):
     """The kernel compiled for sm_90 by triton's own ptxas, on any machine (no GPU needed):
     the CompiledKernel (asm["cubin"], asm["ptx"], metadata.shared)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from duoserve.quant import _int4_wgs_gluon
+    from duoserve.quant import _int4_wgs_gluon, sm90
 
     layout = gl.NVMMASharedLayout.get_default_for([cfg.bm, 64], gl.bfloat16)
     sig = {
@@ -191,9 +189,7 @@ def compile_sm90(cfg: WgsConfig, fused: bool, has_zeros: bool = True):
         PW=cfg.producer_warps, PREGS=cfg.producer_regs, HS=cfg.halves_per_stage,
         AHEAD=cfg.ahead, SPLIT=cfg.split_k, INFLIGHT=cfg.inflight, SWAP=cfg.swap,
     )  # fmt: skip
-    sig.update({name: "constexpr" for name in consts})
-    div16 = [n for n in sig if n.endswith("_ptr") or n in ("KW", "G", "stride_yt")]
-    attrs = {(list(sig).index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = GluonASTSource(_int4_wgs_gluon.wgs, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": 8, "maxnreg": cfg.maxnreg}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return sm90.compile_sm90(
+        GluonASTSource, _int4_wgs_gluon.wgs, sig, consts, ("KW", "G", "stride_yt"),
+        {"num_warps": 8, "maxnreg": cfg.maxnreg},
+    )  # fmt: skip
