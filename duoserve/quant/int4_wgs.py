@@ -129,15 +129,19 @@ def configs_for(num_tokens: int, layout: Int4ExpertLayout, device: torch.device)
     """(gate/up, down) WgsConfigs for a prefill of num_tokens tokens (see the module doc; the
     tile choice is the H100 probe's, docs/int4.md round 9)."""
     bm = 256 if num_tokens > 128 else 128 if num_tokens > 64 else 64
-    token_tiles = -(-num_tokens // bm)
     h, i = layout.hidden_size, layout.intermediate_size
     cfgs = []
-    for n_out, out_rows, k in ((i, 64, h), (h, 128, i)):  # gate/up (fused: 64 outputs), down
-        tiles = token_tiles * -(-n_out // out_rows)
-        groups = k // GROUP
-        split = 2 if 2 * tiles <= _num_sms(device) and groups % 2 == 0 else 1
+    for fused, k in ((True, h), (False, i)):  # gate/up, down
+        tiles = _num_tiles(num_tokens, layout, WgsConfig(bm=bm), fused)
+        split = 2 if 2 * tiles <= _num_sms(device) and (k // GROUP) % 2 == 0 else 1
         cfgs.append(WgsConfig(bm=bm, split_k=split))
     return tuple(cfgs)
+
+
+def _num_tiles(num_tokens: int, layout: Int4ExpertLayout, cfg: WgsConfig, fused: bool) -> int:
+    # CTA tiles of one launch without split: token tiles x output tiles (fused: bn / 2 outputs)
+    n_out = layout.intermediate_size if fused else layout.hidden_size
+    return -(-num_tokens // cfg.bm) * -(-n_out // (cfg.bn // 2 if fused else cfg.bn))
 
 
 def takes(num_tokens: int, layout: Int4ExpertLayout, device: torch.device) -> bool:
@@ -147,8 +151,7 @@ def takes(num_tokens: int, layout: Int4ExpertLayout, device: torch.device) -> bo
     if not (available(device) and supports(layout.group_size, layout.scale_torch_dtype)):
         return False
     gate_up = configs_for(num_tokens, layout, device)[0]
-    tiles = -(-num_tokens // gate_up.bm) * -(-layout.intermediate_size // (gate_up.bn // 2))
-    return tiles >= _num_sms(device)
+    return _num_tiles(num_tokens, layout, gate_up, fused=True) >= _num_sms(device)
 
 
 def expert_forward_wgs(x: torch.Tensor, buffer: torch.Tensor, layout: Int4ExpertLayout,
