@@ -106,6 +106,30 @@ def _bench_cold(fn, copies: list[tuple]) -> float:
     return sorted(s.elapsed_time(e) for s, e in events)[COLD_REPS // 2]
 
 
+def _bench_cold_seq(fn, copies: list[tuple], n: int = 8) -> float:
+    """Median milliseconds per call of fn over n calls queued back to back, each on a copy
+    the previous len(copies) - 1 calls did not touch (cold L2, as _bench_cold): how a decode
+    step runs its experts' launches one after another, so a launch's fixed cost (front end,
+    grid start, drain) overlaps the kernels before it instead of being timed alone."""
+    n = max(1, min(n, len(copies) - 1))
+    if SMOKE:
+        return _bench(lambda: [fn(*copies[j]) for j in range(n)]) / n
+    for args in copies[:2]:
+        fn(*args)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(COLD_REPS)]
+    torch.cuda._sleep(20_000_000 * n)  # ~10 ms per call in a row: all launches queue first
+    i = 0
+    for start, end in events:
+        start.record()
+        for _ in range(n):
+            fn(*copies[i % len(copies)])
+            i += 1
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[COLD_REPS // 2] / n
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
