@@ -3,13 +3,12 @@ bench's method: one call between two events), n calls queued back to back on dis
 copies (how a decode step runs its experts), and each kernel's own duration (CUPTI, through
 torch.profiler); next to an empty launch and a plain read of the same words.
 
-Down runs from prep_xh (two launches) or from bf16 pair rows written by gate/up (one launch,
-x~ made in the kernel: StreamInput.pairs); the expert with and without the pairs chain.
+The expert's four launches by hand, and the same without the prep_xh(h) launch (down then
+reads an x~ of an earlier h: timing only). The session-12 runs c and d also timed a down that
+read bf16 pair rows written by gate/up and rescaled them itself (commit 827bee5, removed).
 
     PYTHONPATH=$PWD python3 scripts/down_probe.py
 """
-
-import os
 
 import torch
 import triton
@@ -17,12 +16,10 @@ from _probe import op_setup, setup
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from duoserve.bench.int4_kernels import _bench_cold, _bench_cold_seq, _copies, _nbytes, _rel
+from duoserve.bench.int4_kernels import _bench_cold, _bench_cold_seq, _copies, _nbytes
 from duoserve.quant import triton_kernels as tk
 from duoserve.quant._int4_triton import read_words
 from duoserve.quant.triton_kernels import KernelConfig
-
-S = "stream"
 
 
 @triton.jit
@@ -66,7 +63,7 @@ def row(label, f, cps, roof_us, names=()):
 
 
 bw, h, i, buf, lay = setup()
-w, w_ref, copies, roof, _ = op_setup(bw, buf, lay, "down")
+w, _, copies, roof, _ = op_setup(bw, buf, lay, "down")
 _, _, gcopies, groof, _ = op_setup(bw, buf, lay, "gate_up")
 ecopies = _copies((buf,))
 eroof = _nbytes(buf) / bw / 1e3
@@ -91,7 +88,6 @@ row(
 )
 
 x = torch.randn(1, i, device="cuda").bfloat16()
-ref = (x.float() @ w_ref.T).bfloat16()
 y = torch.empty(1, h, dtype=torch.bfloat16, device="cuda")
 d_pin = tk.PINNED[(h, i, False, 1)]
 row(
@@ -101,30 +97,6 @@ row(
     roof,
     ("prep_xh", "stream"),
 )
-y_xh = y.clone()
-for cfg in (
-    d_pin,
-    KernelConfig(S, 4, 2048, 1, 2, 1, prefetch=True, half=True),
-    KernelConfig(S, 8, 2048, 1, 2, 1, prefetch=True, half=True),
-    KernelConfig(S, 4, 1024, 1, 1, 1, prefetch=True, ahead=2, half=True),
-    KernelConfig(S, 2, 1024, 1, 1, 1, prefetch=True, half=True),
-    KernelConfig(S, 1, 1024, 1, 1, 1, prefetch=True, half=True),
-    KernelConfig(S, 4, 4096, 1, 4, 1, prefetch=True, half=True),
-):
-    xb = tk.pairs_from(x, tk.stream_pairs_input(cfg, 1, i, 128, x.device))
-    try:
-        row(
-            f"down {name(cfg)} from pairs",
-            lambda q, s, z, c=cfg, xb=xb: tk.stream_launch(c, xb, (q, s, z), 128, y, False),
-            copies,
-            roof,
-            ("stream",),
-        )
-    except Exception as e:  # a config that does not compile: reported, the rest go on
-        print(f"down {name(cfg)} from pairs: {type(e).__name__}: {str(e)[:200]}")
-        continue
-    print(f"  rel to fp32 {_rel(y, ref):.1e}; equal to prep_xh path: {torch.equal(y, y_xh)}")
-
 xg = torch.randn(1, h, device="cuda").bfloat16()
 yg = torch.empty(1, i, dtype=torch.bfloat16, device="cuda")
 g_pin = tk.PINNED[(2 * i, h, True, 1)]
@@ -135,28 +107,14 @@ row(
     groof,
     ("prep_xh", "stream"),
 )
-xb = tk.stream_pairs_input(d_pin, 1, i, 128, xg.device)
+xe = torch.randn(1, h, device="cuda").bfloat16()
 row(
-    "gate/up pinned, also writing down's pair rows",
-    lambda q, s, z: tk.stream_launch(
-        g_pin, tk.stream_input(g_pin, xg, 128), (q, s, z), 128, yg, True, xb
-    ),
-    gcopies,
-    groof,
+    "expert_forward_int4",
+    lambda b: tk.expert_forward_int4(xe, b, lay),
+    ecopies,
+    eroof,
     ("prep_xh", "stream"),
 )
-xe = torch.randn(1, h, device="cuda").bfloat16()
-for label, env in (("pairs chain (3 launches)", None), ("prep_xh chain (4 launches)", "1")):
-    if env:
-        os.environ["DUOSERVE_INT4_NO_PAIRS"] = env
-    row(
-        f"expert_forward_int4, {label}",
-        lambda b: tk.expert_forward_int4(xe, b, lay),
-        ecopies,
-        eroof,
-        ("prep_xh", "stream"),
-    )
-    os.environ.pop("DUOSERVE_INT4_NO_PAIRS", None)
 
 # the expert's launches by hand: gate/up then down from prep_xh(h) (4 launches), against
 # down straight after gate/up on an x~ of an earlier h (3 launches; timing only): what

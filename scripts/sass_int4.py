@@ -49,16 +49,15 @@ def compile_tc(args: argparse.Namespace):
 
 def compile_stream(args: argparse.Namespace):
     sig = {
-        "xp_ptr": "*i32" if args.half or args.pairs else "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16",
-        "z_ptr": "*u8", "y_ptr": "*bf16", "xb_ptr": "*bf16",
+        "xp_ptr": "*i32" if args.half else "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16",
+        "z_ptr": "*u8", "y_ptr": "*bf16",
         "T": "i32", "N": "i32", "KW": "i32", "up_offset": "i32", "stride_y": "i32",
         "stride_q": "i32", "stride_s": "i32", "magic": "i32",
     }  # fmt: skip
     consts = dict(
-        XB_SX=args.xb_out, HAS_ZEROS=True, FUSED=args.fused, GROUP=128, BN=args.bn,
-        G=args.bk // 128, BT=args.bt, NS=args.stages, PREFETCH=args.prefetch, SX=args.k // 8,
-        EVEN=True, PDL=True, ONE_PASS=args.one_pass, AHEAD=args.ahead,
-        HALF=(3 if args.pairs else 1) if args.half or args.pairs else 0,
+        HAS_ZEROS=True, FUSED=args.fused, GROUP=128, BN=args.bn, G=args.bk // 128, BT=args.bt,
+        NS=args.stages, PREFETCH=args.prefetch, SX=args.k // 8, EVEN=True, PDL=True,
+        ONE_PASS=args.one_pass, AHEAD=args.ahead, HALF=1 if args.half else 0,
     )  # fmt: skip
     return _compile(
         ASTSource, _int4_triton.stream, sig, consts, ("stride_q",), args.warps, args.stages
@@ -150,12 +149,6 @@ def main() -> None:
         "--ahead", type=int, default=1, help="stream: prefetch depth in steps; wgs: groups"
     )
     parser.add_argument("--half", action="store_true", help="stream: fp16x2 products")
-    parser.add_argument(
-        "--pairs", action="store_true", help="stream: fp16x2 from bf16 pair rows (HALF 3)"
-    )
-    parser.add_argument(
-        "--xb-out", type=int, default=0, help="stream: also write y as pair rows of this stride"
-    )
     parser.add_argument("--wide", action="store_true", help="tc: wide scale / zero loads")
     parser.add_argument("--split", action="store_true", help="tc: compile the split-K reduction")
     parser.add_argument("--producer-warps", type=int, default=4, help="wgs")

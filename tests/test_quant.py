@@ -8,7 +8,6 @@ shapes when triton is installed.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -466,57 +465,6 @@ def _check_prep_xh() -> None:
     assert pairs.abs().max() < 64, "a chunk's max |x~| must stay below 64"
 
 
-def _check_stream_pairs() -> None:
-    # down from bf16 pair rows (x~ made in the kernel) equals down from prep_xh bit for bit;
-    # gate/up writes the pair rows of its own output; the expert takes the pairs chain and
-    # equals the prep_xh chain (DUOSERVE_INT4_NO_PAIRS=1), zeros, a huge and a tiny chunk
-    import duoserve.quant.triton_kernels as tk
-
-    buffer, layout = _tiny_expert(False, seed=17, group=32, inter=256)
-    g, h, i = layout.group_size, layout.hidden_size, layout.intermediate_size
-    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    gu_cfg = KernelConfig("stream", 16, 64, 1, prefetch=True, one_pass=True, half=True)
-    for cfg in (
-        KernelConfig("stream", 32, 64, 1, prefetch=True, half=True),
-        KernelConfig("stream", 16, 128, 2, prefetch=True, ahead=2, half=True),
-    ):
-        t = cfg.block_t
-        assert tk.pairs_supported(cfg, i, g, torch.device("cpu")), cfg
-        a = torch.randn(t, i, generator=torch.Generator().manual_seed(18))
-        a[0, :32] = 0.0
-        a[0, 32:64] *= 1e20
-        a[-1, 64:96] *= 1e-20
-        a = a.bfloat16()
-        y_xh = torch.full((t, h), float("nan"))
-        int4_linear(a, *down, g, out=y_xh, backend="triton", config=cfg)
-        xb = tk.pairs_from(a, tk.stream_pairs_input(cfg, t, i, g, a.device))
-        y_pairs = torch.full((t, h), float("nan"))
-        tk.stream_launch(cfg, xb, down, g, y_pairs, False)
-        assert torch.equal(y_pairs, y_xh), (cfg, _rel(y_pairs, y_xh))
-        x = torch.randn(t, h, generator=torch.Generator().manual_seed(19)).bfloat16()
-        act = torch.empty(t, i, dtype=torch.bfloat16)
-        out = tk.stream_pairs_input(cfg, t, i, g, x.device)
-        out.xp.fill_(-1)
-        gu = KernelConfig(**{**gu_cfg.__dict__, "block_t": t})
-        tk.stream_launch(gu, tk.stream_input(gu, x, g), gate_up, g, act, True, out)
-        assert torch.equal(
-            out.xp, tk.pairs_from(act, tk.stream_pairs_input(cfg, t, i, g, "cpu")).xp
-        )
-        pinned = dict(tk.PINNED)
-        tk.PINNED[(2 * i, h, True, t)] = gu
-        tk.PINNED[(h, i, False, t)] = cfg
-        try:
-            got = expert_forward_int4(x, buffer, layout, backend="triton")
-            os.environ["DUOSERVE_INT4_NO_PAIRS"] = "1"
-            assert tk._expert_stream_pairs(x, buffer, layout) is None
-            expected = expert_forward_int4(x, buffer, layout, backend="triton")
-        finally:
-            os.environ.pop("DUOSERVE_INT4_NO_PAIRS", None)
-            tk.PINNED.clear()
-            tk.PINNED.update(pinned)
-        assert torch.equal(got, expected), cfg
-
-
 def run_interpreter_checks() -> None:
     """Triton kernels vs fp32 references at tiny shapes; needs TRITON_INTERPRET=1 set before
     triton is first imported, hence a fresh process (see test_triton_kernels_interpreted)."""
@@ -525,7 +473,6 @@ def run_interpreter_checks() -> None:
     _check_dequant_and_expert()
     _check_stream_precision()
     _check_prep_xh()
-    _check_stream_pairs()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -646,63 +593,6 @@ def test_stream_half_gpu_real_shapes(shape: str) -> None:
             y = torch.full((t, h), float("nan"), device="cuda")
             int4_linear(a, *down, 128, out=y, config=cfg)
             assert _rel(y.double(), a.double() @ w_d.T) < 1e-3, (shape, cfg, label, "down")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_stream_pairs_gpu_real_shapes(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # down from bf16 pair rows (x~ made in the kernel, asm) equals down from prep_xh bit for
-    # bit (plain x, outliers, 1e-6..1e6); gate/up's pair rows equal its output's; the expert's
-    # pairs chain equals the prep_xh chain at 1, 2 and 4 tokens
-    import duoserve.quant.triton_kernels as tk
-
-    set_autotune(False)
-    h, i, gate_up, down, _, _ = _gpu_ops(shape)
-    gen = torch.Generator(device="cuda").manual_seed(6)
-    configs = [
-        KernelConfig("stream", 2, 2048, 1, 2, prefetch=True, half=True),
-        KernelConfig("stream", 1, 1024, 1, 1, prefetch=True, half=True),
-        KernelConfig("stream", 4, 1024, 1, 1, prefetch=True, ahead=2, half=True),
-        KernelConfig("stream", 8, 2048, 1, 2, prefetch=True, half=True),
-        KernelConfig("stream", 2, 4096, 1, 4, prefetch=True, half=True),
-        KernelConfig("stream", 4, 1024, 2, 1, prefetch=True, half=True),
-        KernelConfig("stream", 4, 1024, 4, 1, prefetch=True, half=True),
-    ]
-    ran = 0
-    for cfg in configs:
-        if not tk.pairs_supported(cfg, i, 128, torch.device("cuda")):
-            continue
-        ran += 1
-        t = cfg.block_t
-        x = torch.randn(t, i, generator=gen, device="cuda")
-        wide = 10.0 ** (torch.rand(t, i, generator=gen, device="cuda") * 12 - 6) * x.sign()
-        outliers = x * (1 + 99 * (torch.rand(t, i, generator=gen, device="cuda") < 0.01))
-        for label, a in {"plain": x, "outliers": outliers, "wide": wide}.items():
-            a = a.bfloat16()
-            y_xh = torch.full((t, h), float("nan"), device="cuda")
-            int4_linear(a, *down, 128, out=y_xh, config=cfg)
-            xb = tk.pairs_from(a, tk.stream_pairs_input(cfg, t, i, 128, a.device))
-            y = torch.full((t, h), float("nan"), device="cuda")
-            tk.stream_launch(cfg, xb, down, 128, y, False)
-            assert torch.equal(y, y_xh), (shape, cfg, label, _rel(y, y_xh))
-        gu_cfg = tk.PINNED.get((2 * i, h, True, t)) or candidate_configs(f"stream{t}")[0]
-        if gu_cfg.kernel == "stream" and gu_cfg.block_t >= t:
-            xg = torch.randn(t, h, generator=gen, device="cuda").bfloat16()
-            act = torch.empty(t, i, dtype=torch.bfloat16, device="cuda")
-            xb = tk.stream_pairs_input(cfg, t, i, 128, xg.device)
-            xb.xp.fill_(-1)
-            tk.stream_launch(gu_cfg, tk.stream_input(gu_cfg, xg, 128), gate_up, 128, act, True, xb)
-            ref = tk.pairs_from(act, tk.stream_pairs_input(cfg, t, i, 128, xg.device))
-            assert torch.equal(xb.xp, ref.xp), (shape, cfg, "gate/up pair rows")
-    assert ran or shape != "mixtral", "no pairs config applies at the Mixtral shape"
-    buffer, layout = _gpu_expert(h, i)
-    x = torch.randn(4, h, generator=gen, device="cuda").bfloat16()
-    for t in (1, 2, 4):
-        got = expert_forward_int4(x[:t], buffer, layout)
-        monkeypatch.setenv("DUOSERVE_INT4_NO_PAIRS", "1")
-        expected = expert_forward_int4(x[:t], buffer, layout)
-        monkeypatch.delenv("DUOSERVE_INT4_NO_PAIRS")
-        assert torch.equal(got, expected), (shape, t, _rel(got, expected))
 
 
 @pytest.mark.gpu

@@ -159,99 +159,6 @@ _HALF_DOT = tl.constexpr(_half_dot_asm())
 _HALF_CONSTRAINTS = tl.constexpr("=f," * 4 + "f," * 8 + "r," * 27 + "r")
 
 
-def _pairs_prep_asm() -> str:
-    # pack=4 over a thread's 4 consecutive words (one prep_xh chunk): from the bf16 pair rows
-    # ($20 + 4 i + k: {x[8w + i], x[8w + i + 4]} of word k) to prep_xh's rows: $4 i + k the
-    # fp16 pair {x~[8w + i], x~[8w + i + 4]} (/ 16 for odd i), $16 + k the chunk's 2^-e (fp32
-    # bits). max |x| over the 32 inputs as integers on the sign-cleared bf16 halves (ordered
-    # like the values), its exponent e clamped at 6 (prep_xh's rule); bf16 -> fp32 is a shift
-    # or a mask, the power-of-two products are exact, one cvt rounds a pair to fp16. The
-    # inputs are copied first: an output may share a register with one
-    lines = [".reg .b32 m, a, e, s0, s1, inv, lo, hi;"]
-    lines += [f".reg .b32 r{j};" for j in range(16)]
-    lines += [f"mov.b32 r{j}, ${20 + j};" for j in range(16)]
-    lines.append("and.b32 m, r0, 0x7fff7fff;")
-    for j in range(1, 16):
-        lines += [f"and.b32 a, r{j}, 0x7fff7fff;", "max.u16x2 m, m, a;"]
-    lines += [
-        "shr.u32 a, m, 16;",
-        "and.b32 m, m, 0xffff;",
-        "max.u32 m, m, a;",
-        "shr.u32 e, m, 7;",
-        "max.u32 e, e, 6;",
-        "mov.b32 s0, 259;",
-        "sub.u32 s0, s0, e;",
-        "shl.b32 s0, s0, 23;",  # 2^(132 - e)
-        "mov.b32 s1, 255;",
-        "sub.u32 s1, s1, e;",
-        "shl.b32 s1, s1, 23;",  # 2^(128 - e): the odd rows' / 16
-        "sub.u32 inv, e, 5;",
-        "shl.b32 inv, inv, 23;",  # 2^(e - 132)
-    ]
-    for i in range(4):
-        for k in range(4):
-            lines += [
-                f"shl.b32 lo, r{4 * i + k}, 16;",
-                f"and.b32 hi, r{4 * i + k}, 0xffff0000;",
-                f"mul.rn.f32 lo, lo, {'s0' if i % 2 == 0 else 's1'};",
-                f"mul.rn.f32 hi, hi, {'s0' if i % 2 == 0 else 's1'};",
-                f"cvt.rn.f16x2.f32 ${4 * i + k}, hi, lo;",
-            ]
-    lines += [f"mov.b32 ${16 + k}, inv;" for k in range(4)]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_PAIRS_PREP = tl.constexpr(_pairs_prep_asm())
-_PAIRS_CONSTRAINTS = tl.constexpr("=r," * 20 + "r," * 15 + "r")
-
-
-@triton.jit
-def _pairs_prep(r0, r1, r2, r3, USE_ASM: tl.constexpr):
-    # bf16 pair rows r_i [G, 1, WG] (see _pairs_prep_asm) -> prep_xh's x~ pair rows and 2^-e;
-    # without asm (the interpreter) the same from the definition
-    if USE_ASM:
-        return tl.inline_asm_elementwise(
-            _PAIRS_PREP, _PAIRS_CONSTRAINTS, [r0, r1, r2, r3],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=4,
-        )  # fmt: skip
-    lo0, hi0 = _bf16_halves(r0)
-    lo1, hi1 = _bf16_halves(r1)
-    lo2, hi2 = _bf16_halves(r2)
-    lo3, hi3 = _bf16_halves(r3)
-    m = tl.maximum(tl.maximum(tl.abs(lo0), tl.abs(hi0)), tl.maximum(tl.abs(lo1), tl.abs(hi1)))
-    m = tl.maximum(m, tl.maximum(tl.maximum(tl.abs(lo2), tl.abs(hi2)), tl.abs(lo3)))
-    m = tl.maximum(m, tl.abs(hi3))  # [G, 1, WG]; the chunk: 4 consecutive words
-    G: tl.constexpr = m.shape[0]
-    WG: tl.constexpr = m.shape[2]
-    cm = tl.max(tl.reshape(m, (G, WG // 4, 4)), axis=2)
-    cm = tl.reshape(tl.broadcast_to(cm[:, :, None], (G, WG // 4, 4)), (G, 1, WG))
-    biased = tl.maximum((cm.to(tl.int32, bitcast=True) >> 23) & 255, 6)
-    scale = ((259 - biased) << 23).to(tl.float32, bitcast=True)
-    inv = ((biased - 5) << 23).to(tl.int32)
-    return (
-        _fp16_pair(lo0 * scale, hi0 * scale),
-        _fp16_pair(lo1 * scale * 0.0625, hi1 * scale * 0.0625),
-        _fp16_pair(lo2 * scale, hi2 * scale),
-        _fp16_pair(lo3 * scale * 0.0625, hi3 * scale * 0.0625),
-        inv,
-    )
-
-
-@triton.jit
-def _bf16_halves(r):
-    # int32 {bf16 lo, bf16 hi} -> (lo, hi) as fp32, exact
-    lo = (r << 16).to(tl.float32, bitcast=True)
-    hi = (r & -65536).to(tl.float32, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
-def _fp16_pair(lo, hi):
-    lo = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    return lo | (hi << 16)
-
-
 @triton.jit
 def prep_xh(x_ptr, xh_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
             PDL: tl.constexpr):  # fmt: skip
@@ -332,23 +239,16 @@ def _tok_step(acc, q, s, z, xp_ptrs, magic, t: tl.constexpr, SX: tl.constexpr):
 
 @triton.jit
 def _tok_step_h(acc, q, s, z, xh_ptrs, t: tl.constexpr, SX: tl.constexpr,
-                USE_ASM: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+                USE_ASM: tl.constexpr):  # fmt: skip
     # HALF: acc [G, BN, WG] += s * sum_j (q_j - z) x~_j of token t over one step, the products
     # summed in fp16x2 per thread and (group, row) (_HALF_DOT); without asm (the interpreter)
-    # the same x~ pairs in fp32. PAIRS: x~ is made here from bf16 pair rows
-    if PAIRS:  # bf16 pair rows [BT, 4, SX]: the chunk's rescaling here (_pairs_prep)
-        xt = xh_ptrs + t * 4 * SX
-        x0, x1, x2, x3, inv = _pairs_prep(
-            tl.load(xt), tl.load(xt + SX), tl.load(xt + 2 * SX), tl.load(xt + 3 * SX), USE_ASM
-        )
-        s = s * inv.to(tl.float32, bitcast=True)
-    else:
-        xt = xh_ptrs + t * 5 * SX
-        s = s * tl.load(xt + 4 * SX).to(tl.float32, bitcast=True)  # the chunk's 2^-e
-        x0 = tl.load(xt)
-        x1 = tl.load(xt + SX)
-        x2 = tl.load(xt + 2 * SX)
-        x3 = tl.load(xt + 3 * SX)
+    # the same x~ pairs in fp32
+    xt = xh_ptrs + t * 5 * SX
+    s = s * tl.load(xt + 4 * SX).to(tl.float32, bitcast=True)  # the chunk's 2^-e
+    x0 = tl.load(xt)
+    x1 = tl.load(xt + SX)
+    x2 = tl.load(xt + 2 * SX)
+    x3 = tl.load(xt + 3 * SX)
     if USE_ASM:
         zi = z.to(tl.int32)
         z0 = tl.broadcast_to((zi | 0x6400) * 65537, q.shape)
@@ -380,8 +280,7 @@ def _half_pair(q, z, xi, i: tl.constexpr):
 def _stream_step(acc0, acc1, acc2, acc3, q, s, z, xp_ptrs, magic, BT: tl.constexpr,
                  SX: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
     # the step for tokens t < BT (the nibble bits are recomputed per token: ptxas keeps them).
-    # HALF 0: fp32 lifted products (prep_x); 1: fp16x2 asm (prep_xh); 2: its fp32 emulation;
-    # 3: fp16x2 asm from bf16 pair rows (x~ made in the kernel); 4: its emulation
+    # HALF 0: fp32 lifted products (prep_x); 1: fp16x2 asm (prep_xh); 2: its fp32 emulation
     acc0 = _tok(acc0, q, s, z, xp_ptrs, magic, 0, SX, HALF)
     if BT > 1:
         acc1 = _tok(acc1, q, s, z, xp_ptrs, magic, 1, SX, HALF)
@@ -394,7 +293,7 @@ def _stream_step(acc0, acc1, acc2, acc3, q, s, z, xp_ptrs, magic, BT: tl.constex
 @triton.jit
 def _tok(acc, q, s, z, xp_ptrs, magic, t: tl.constexpr, SX: tl.constexpr, HALF: tl.constexpr):
     if HALF:
-        return _tok_step_h(acc, q, s, z, xp_ptrs, t, SX, HALF % 2 == 1, HALF >= 3)
+        return _tok_step_h(acc, q, s, z, xp_ptrs, t, SX, HALF == 1)
     return _tok_step(acc, q, s, z, xp_ptrs, magic, t, SX)
 
 
@@ -464,23 +363,18 @@ def _stream_pass(xp_ptr, q_ptr, s_ptr, z_ptr, rows, KW, stride_q, stride_s, magi
 
 @triton.jit
 def _stream_store(y_ptr, out, up, rows, row_mask, t: tl.constexpr, T, stride_y,
-                  FUSED: tl.constexpr, xb_ptr, XB_SX: tl.constexpr):  # fmt: skip
-    # XB_SX > 0: y also goes to xb [BT, 4, XB_SX] int32 as bf16 pair rows (the next stream's
-    # PAIRS input): output n is half n % 8 // 4 of word n // 8 in row n % 4
+                  FUSED: tl.constexpr):  # fmt: skip
     if FUSED:
         out = out * tl.sigmoid(out) * up
-    ok = row_mask & (t < T)
-    tl.store(y_ptr + t * stride_y + rows, _round(out, y_ptr.dtype.element_ty), mask=ok)
-    if XB_SX > 0:
-        offs = t * 8 * XB_SX + (rows % 4) * (2 * XB_SX) + (rows // 8) * 2 + (rows % 8) // 4
-        tl.store(xb_ptr + offs, _round(out, tl.bfloat16), mask=ok)
+    tl.store(
+        y_ptr + t * stride_y + rows, _round(out, y_ptr.dtype.element_ty), mask=row_mask & (t < T)
+    )
 
 
 @triton.jit(do_not_specialize=["T", "N", "KW", "up_offset", "stride_y", "stride_s"])
-def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, xb_ptr, T, N, KW, up_offset, stride_y,
-           stride_q, stride_s, magic, XB_SX: tl.constexpr, HAS_ZEROS: tl.constexpr,
-           FUSED: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
-           BT: tl.constexpr, NS: tl.constexpr,
+def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, stride_q,
+           stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
+           BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, NS: tl.constexpr,
            PREFETCH: tl.constexpr, SX: tl.constexpr, EVEN: tl.constexpr,
            PDL: tl.constexpr, ONE_PASS: tl.constexpr, AHEAD: tl.constexpr,
            HALF: tl.constexpr):  # fmt: skip
@@ -490,8 +384,7 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, xb_ptr, T, N, KW, up_offset, str
     # ONE_PASS one pass over 2 BN rows, gate and up interleaved (x' loaded once for both, no
     # pipeline restart between the passes); EVEN: the steps of G groups tile K. PDL: launched
     # as prep_x's programmatic dependent: weights load before x' is ready, and the next kernel
-    # (the down matrix's prep_x) may launch early (it waits for y). HALF 3: xp holds bf16
-    # pair rows (XB_SX > 0 in the stream that wrote them), rescaled here per chunk. grid (N / BN,)
+    # (the down matrix's prep_x) may launch early (it waits for y). grid (N / BN,)
     if PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -520,12 +413,12 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, xb_ptr, T, N, KW, up_offset, str
                 xp_ptr, qw_ptr, s_ptr, z_ptr, rows_in + up_offset, KW, stride_q, stride_s,
                 magic, HAS_ZEROS, GROUP, G, BT, NS, PREFETCH, SX, EVEN, False, AHEAD, HALF,
             )  # fmt: skip
-    _stream_store(y_ptr, o0, u0, rows, row_mask, 0, T, stride_y, FUSED, xb_ptr, XB_SX)
+    _stream_store(y_ptr, o0, u0, rows, row_mask, 0, T, stride_y, FUSED)
     if BT > 1:
-        _stream_store(y_ptr, o1, u1, rows, row_mask, 1, T, stride_y, FUSED, xb_ptr, XB_SX)
+        _stream_store(y_ptr, o1, u1, rows, row_mask, 1, T, stride_y, FUSED)
     if BT > 2:
-        _stream_store(y_ptr, o2, u2, rows, row_mask, 2, T, stride_y, FUSED, xb_ptr, XB_SX)
-        _stream_store(y_ptr, o3, u3, rows, row_mask, 3, T, stride_y, FUSED, xb_ptr, XB_SX)
+        _stream_store(y_ptr, o2, u2, rows, row_mask, 2, T, stride_y, FUSED)
+        _stream_store(y_ptr, o3, u3, rows, row_mask, 3, T, stride_y, FUSED)
 
 
 # --------------------------------------------------------------------------- round-1 kernels

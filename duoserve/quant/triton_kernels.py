@@ -374,9 +374,7 @@ def _half(cfg: KernelConfig, group_size: int, step: int) -> bool:
 @dataclass(frozen=True)
 class StreamInput:
     """x prepared for the stream kernel: xp [block_t, 10 or 5, sx] (prep_x fp32 or, with half,
-    prep_xh int32) for t tokens of kw words, `groups` groups per step; pairs: xp [block_t, 4,
-    sx] int32 holds bf16 pair rows {x[8w + i], x[8w + i + 4]} (written by the stream that
-    produced x, see stream_pairs_input), rescaled inside the kernel."""
+    prep_xh int32) for t tokens of kw words, `groups` groups per step."""
 
     xp: torch.Tensor
     t: int
@@ -384,7 +382,6 @@ class StreamInput:
     sx: int
     groups: int
     half: bool
-    pairs: bool = False
 
 
 def _stream_steps(cfg: KernelConfig, k: int, group_size: int) -> tuple[int, int]:
@@ -415,43 +412,9 @@ def stream_input(cfg: KernelConfig, x: torch.Tensor, group_size: int) -> StreamI
     return StreamInput(xp, t, kw, sx, groups, half)
 
 
-def pairs_supported(cfg: KernelConfig, k: int, group_size: int, device: torch.device) -> bool:
-    """Whether a stream with `cfg` can read its K inputs as bf16 pair rows (StreamInput.pairs):
-    a half config, steps that tile K (no masks: the rows are not zero-padded), and sm_90
-    (max.u16x2) or the interpreter; DUOSERVE_INT4_NO_PAIRS=1 turns it off."""
-    if cfg.kernel != "stream" or os.environ.get("DUOSERVE_INT4_NO_PAIRS") == "1":
-        return False
-    if device.type != "cuda" and not _interpreting():
-        return False
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    groups, sx = _stream_steps(cfg, k, group_size)
-    return _half(cfg, group_size, groups * group_size // 8) and sx == k // 8
-
-
-def stream_pairs_input(cfg: KernelConfig, t: int, k: int, group_size: int, device) -> StreamInput:
-    """An empty pairs input for a stream with `cfg` over t tokens and K inputs (see
-    pairs_supported): the previous stream writes it (stream_launch's xb_out)."""
-    groups, sx = _stream_steps(cfg, k, group_size)
-    xb = torch.empty(cfg.block_t, 4, sx, dtype=torch.int32, device=device)
-    return StreamInput(xb, t, k // 8, sx, groups, True, True)
-
-
-def pairs_from(x: torch.Tensor, xin: StreamInput) -> StreamInput:
-    """Fill a pairs input from x [T, K] bf16 with torch (the layout's definition; tests and
-    benches): row i, word w = {x[8w + i] (low half), x[8w + i + 4]} as int32."""
-    t, k = x.shape
-    rows = x.view(t, k // 8, 2, 4).permute(0, 3, 1, 2).contiguous()  # [T, 4, KW, 2]
-    xin.xp[:t, :, : k // 8] = rows.view(torch.int32).view(t, 4, k // 8)
-    return xin
-
-
-def stream_launch(
-    cfg: KernelConfig, xin: StreamInput, w, group_size, y, fused: bool, xb_out=None
-) -> None:
+def stream_launch(cfg: KernelConfig, xin: StreamInput, w, group_size, y, fused: bool) -> None:
     """The stream kernel over the row blocks of w = (qweight, scales, zeros) from a prepared
-    input (stream_input with the same cfg): y [T, N] (fused: silu(gate) * up, [T, N / 2]).
-    xb_out: a pairs StreamInput (stream_pairs_input) that y is also written into."""
+    input (stream_input with the same cfg): y [T, N] (fused: silu(gate) * up, [T, N / 2])."""
     kernels = _kernels()
     qweight, scales, zeros = w
     n_rows = qweight.shape[0]
@@ -459,17 +422,13 @@ def stream_launch(
     step = xin.groups * group_size // 8
     pdl = _pdl(y.device)
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
-    half = (2 if _interpreting() else 1) + (2 if xin.pairs else 0) if xin.half else 0
-    if xb_out is not None:
-        assert xb_out.pairs and 8 * xb_out.kw == n_out and xin.t <= xb_out.xp.shape[0], xb_out
-    xb = y if xb_out is None else xb_out.xp.view(torch.bfloat16)  # never written without
     kernels.stream[(-(-n_out // cfg.block_n),)](
-        xin.xp, qweight, scales, z, y, xb, xin.t, n_out, xin.kw, n_out, y.stride(0),
+        xin.xp, qweight, scales, z, y, xin.t, n_out, xin.kw, n_out, y.stride(0),
         qweight.stride(0), scales.stride(0), kernels.STREAM_MAGIC,
-        XB_SX=0 if xb_out is None else xb_out.sx, HAS_ZEROS=zeros is not None, FUSED=fused,
-        GROUP=group_size, BN=cfg.block_n, G=xin.groups, BT=cfg.block_t, NS=cfg.num_stages,
-        PREFETCH=cfg.prefetch, SX=xin.sx, EVEN=xin.kw % step == 0, PDL=pdl,
-        ONE_PASS=cfg.one_pass, AHEAD=cfg.ahead, HALF=half,
+        HAS_ZEROS=zeros is not None, FUSED=fused, GROUP=group_size, BN=cfg.block_n,
+        G=xin.groups, BT=cfg.block_t, NS=cfg.num_stages, PREFETCH=cfg.prefetch, SX=xin.sx,
+        EVEN=xin.kw % step == 0, PDL=pdl, ONE_PASS=cfg.one_pass, AHEAD=cfg.ahead,
+        HALF=(2 if _interpreting() else 1) if xin.half else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
@@ -708,26 +667,6 @@ def _dense_expert(x_in, w_gate_up, w_down) -> torch.Tensor:
     return (F.silu(gate_out) * up_out) @ w_down.T
 
 
-def _expert_stream_pairs(x, buffer, layout) -> torch.Tensor | None:
-    # decode with stream configs for both matrices: gate/up also writes its output as down's
-    # bf16 pair rows, so down needs no prep launch (it rescales per chunk itself); None where
-    # the configs or the device do not allow it (see pairs_supported)
-    g, (t, h), i = layout.group_size, x.shape, layout.intermediate_size
-    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
-    act = torch.empty(t, i, dtype=x.dtype, device=x.device)
-    gu_cfg = _pick_config(x, gate_up, g, act, True)
-    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    d_cfg = _pick_config(act, down, g, out, False)
-    if x.dtype != torch.bfloat16 or gu_cfg.kernel != "stream" or t > d_cfg.block_t:
-        return None
-    if not pairs_supported(d_cfg, i, g, x.device):
-        return None
-    xb = stream_pairs_input(d_cfg, t, i, g, x.device)
-    stream_launch(gu_cfg, stream_input(gu_cfg, x.contiguous(), g), gate_up, g, act, True, xb)
-    stream_launch(d_cfg, xb, down, g, out, False)
-    return out
-
-
 def _permuted_input(x, buffer, layout) -> torch.Tensor:
     perm = layout.hidden_perm_view(buffer)  # GPTQ act-order
     return x if perm is None else x.index_select(1, perm)
@@ -780,8 +719,7 @@ def expert_forward_int4(
     """down(silu(gate x) * up x) [T, H] for one int4 expert buffer.
 
     Triton, T <= MAX_DECODE_TOKENS: the fused kernels (no bf16 copy of the weights; where
-    PINNED names tc for both matrices, int4_tc.expert_forward_tc: one permute; with stream
-    for both, gate/up writes down's input as bf16 pair rows: three launches); more
+    PINNED names tc for both matrices, int4_tc.expert_forward_tc: one permute); more
     tokens: see PREFILL_MODE ("auto" on sm_90: int4_wgs.expert_forward_wgs; "dequant"
     dequantizes into `scratch`, bf16, >= prefill_scratch_numel elements, allocated when None,
     and uses cuBLAS). Torch: the reference.
@@ -809,10 +747,6 @@ def expert_forward_int4(
 
             return expert_forward_w4a16(x, buffer, layout, *w4a16)
     x_in = _permuted_input(x, buffer, layout)
-    if small and _use_triton(x, backend):
-        out = _expert_stream_pairs(x_in, buffer, layout)
-        if out is not None:
-            return out
     if small or PREFILL_MODE == "fused" or not _use_triton(x, backend):
         act = int4_gate_up_silu(x_in, *layout.gate_up_views(buffer), g, backend=backend)
         return int4_linear(act, *layout.down_views(buffer), g, backend=backend)  # [T, H]
