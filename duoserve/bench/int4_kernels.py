@@ -91,20 +91,10 @@ def _bench_cold(fn, copies: list[tuple]) -> float:
     lines, and a kernel that reads less than the L2 holds then pays for writing them back
     (up to its own size again). Here each call reads a copy no recent call touched, so the
     L2 evicts only clean lines. The calls are queued behind a sleep kernel so that each event
-    pair brackets GPU work only, not the host's launch time."""
+    pair brackets GPU work only, not the host's launch time (see _queued_ms)."""
     if SMOKE:
         return _bench(lambda: fn(*copies[0]))
-    for args in copies[:2]:
-        fn(*args)
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(COLD_REPS)]
-    torch.cuda._sleep(20_000_000)  # ~10 ms: every launch below is queued before it ends
-    for i, (start, end) in enumerate(events):
-        start.record()
-        fn(*copies[i % len(copies)])
-        end.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in events)[COLD_REPS // 2]
+    return _queued_ms(fn, copies, 1)
 
 
 def _bench_cold_seq(fn, copies: list[tuple], n: int = 8) -> float:
@@ -115,11 +105,20 @@ def _bench_cold_seq(fn, copies: list[tuple], n: int = 8) -> float:
     n = max(1, min(n, len(copies) - 1))
     if SMOKE:
         return _bench(lambda: [fn(*copies[j]) for j in range(n)]) / n
+    return _queued_ms(fn, copies, n) / n
+
+
+def _queued_ms(fn, copies: list[tuple], n: int, sleep_cycles: int = 20_000_000) -> float:
+    # COLD_REPS event pairs around n calls each, all queued behind a sleep kernel (~10 ms per
+    # call in a row at first). If the sleep ended before the host had queued every call, the
+    # later pairs timed the host's launches too: again with a 4x longer sleep
     for args in copies[:2]:
         fn(*args)
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(COLD_REPS)]
-    torch.cuda._sleep(20_000_000 * n)  # ~10 ms per call in a row: all launches queue first
+    slept = torch.cuda.Event()
+    torch.cuda._sleep(sleep_cycles * n)
+    slept.record()
     i = 0
     for start, end in events:
         start.record()
@@ -127,8 +126,12 @@ def _bench_cold_seq(fn, copies: list[tuple], n: int = 8) -> float:
             fn(*copies[i % len(copies)])
             i += 1
         end.record()
+    host_bound = slept.query()  # True: the GPU had finished sleeping already
     torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in events)[COLD_REPS // 2] / n
+    if host_bound and sleep_cycles < 20_000_000 * 64:
+        return _queued_ms(fn, copies, n, 4 * sleep_cycles)
+    assert not host_bound, "launches are queued slower than a 640 ms sleep"
+    return sorted(s.elapsed_time(e) for s, e in events)[COLD_REPS // 2]
 
 
 def _sync() -> None:
