@@ -378,6 +378,9 @@ def _check_dequant_and_expert() -> None:
     config = KernelConfig("dequant", 16, unroll=2)
     dequantize_int4_into(*gate_up, g, out, backend="triton", config=config)
     assert torch.equal(out, dequantize_int4(*gate_up, g)), "dequant kernel not bit-exact"
+    out.fill_(float("nan"))
+    dequantize_int4_into(*gate_up, g, out, backend="triton")  # the config _pick_config picks
+    assert torch.equal(out, dequantize_int4(*gate_up, g)), "dequant kernel not bit-exact"
     x = torch.randn(18, 128, generator=torch.Generator().manual_seed(12)).bfloat16()
     expected = expert_forward_int4_reference(x, buffer, layout)
     for t in (1, 2, 18):  # default configs: stream 1 and 2 tokens, dequant + matmul
@@ -465,6 +468,57 @@ def _check_prep_xh() -> None:
     assert pairs.abs().max() < 64, "a chunk's max |x~| must stay below 64"
 
 
+def _check_grouped() -> None:
+    # grouped decode (4 experts of one pool in scrambled order, 1 and 2 tokens: two buckets,
+    # at most 2 experts per launch; pinned fp32 configs, then fp16x2 ones with gate and up in
+    # one pass) against expert_forward_int4 per expert (the same configs), bit for bit, and
+    # against the fp32 reference
+    from duoserve.quant import triton_kernels as tk
+
+    experts = [_tiny_expert(False, seed=30 + e) for e in range(4)]
+    layout = experts[0][1]
+    pool = torch.zeros(5, layout.num_bytes + 12, dtype=torch.uint8)
+    bufs = [pool[s, : layout.num_bytes] for s in (2, 0, 4, 1)]
+    for b, (src, _) in zip(bufs, experts):
+        b.copy_(src)
+    spans = [(0, 2), (2, 1), (3, 2), (5, 2)]
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(31)).bfloat16()
+    fp32 = {(192, 128, True, t): KernelConfig("stream", 64, 64, t, prefetch=t == 1) for t in (1, 2)}
+    fp32.update({(128, 96, False, t): KernelConfig("stream", 64, 128, t) for t in (1, 2)})
+    half = {
+        (192, 128, True, t): KernelConfig(
+            "stream", 32, 64, t, prefetch=True, one_pass=True, half=True
+        )
+        for t in (1, 2)
+    }
+    half.update({(128, 96, False, t): KernelConfig("stream", 64, 64, t, half=True) for t in (1, 2)})
+    saved, max_group, launch = dict(tk.PINNED), tk.MAX_GROUP, tk.stream_grouped_launch
+    experts_per_launch = []
+
+    def counted(cfg, x, spans, *args) -> None:
+        experts_per_launch.append(len(spans))
+        launch(cfg, x, spans, *args)
+
+    try:
+        tk.MAX_GROUP, tk.stream_grouped_launch = 2, counted
+        for pin in (fp32, half):
+            tk.PINNED.update(pin)
+            out = torch.full_like(x, float("nan"))
+            experts_per_launch.clear()
+            tk.experts_forward_int4_grouped(x, spans, bufs, layout, out, backend="triton")
+            # bucket 2: experts 0, 2 then 3 (gate/up and down each); bucket 1: expert 1
+            assert experts_per_launch == [2, 2, 1, 1, 1, 1], experts_per_launch
+            for (a, n), b in zip(spans, bufs):
+                alone = tk.expert_forward_int4(x[a : a + n], b, layout, backend="triton")
+                assert torch.equal(out[a : a + n], alone), ("grouped != alone", a)
+                ref = expert_forward_int4_reference(x[a : a + n], b, layout)
+                assert _rel(out[a : a + n], ref) < 1e-2, ("grouped vs reference", a)
+    finally:
+        tk.PINNED.clear()
+        tk.PINNED.update(saved)
+        tk.MAX_GROUP, tk.stream_grouped_launch = max_group, launch
+
+
 def run_interpreter_checks() -> None:
     """Triton kernels vs fp32 references at tiny shapes; needs TRITON_INTERPRET=1 set before
     triton is first imported, hence a fresh process (see test_triton_kernels_interpreted)."""
@@ -473,6 +527,26 @@ def run_interpreter_checks() -> None:
     _check_dequant_and_expert()
     _check_stream_precision()
     _check_prep_xh()
+    _check_grouped()
+
+
+def test_group_offsets() -> None:
+    from duoserve.quant.triton_kernels import group_offsets
+
+    class Buf:  # only the address matters
+        def __init__(self, ptr: int) -> None:
+            self.ptr = ptr
+
+        def data_ptr(self) -> int:
+            return self.ptr
+
+    a, b, c = Buf(1000 + 96), Buf(1000), Buf(1000 + 3 * 96)
+    base, unit, index = group_offsets([a, b, c])
+    assert (base, unit, index) == (b, 96, [1, 0, 3])
+    same = [Buf(8), Buf(8)]
+    assert group_offsets(same) == (same[0], 4, [0, 0])
+    assert group_offsets([Buf(0), Buf(6)]) is None  # 6 bytes apart: int32 views misalign
+    assert group_offsets([Buf(0), Buf(4), Buf(4 << 32)]) is None  # an index past int32
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -485,8 +559,8 @@ def test_triton_kernels_interpreted() -> None:
 GPU_SHAPES = {"mixtral": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # (H, I)
 
 
-def _gpu_expert(h: int, i: int):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def _gpu_expert(h: int, i: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     mats = [torch.randn(r, c, generator=gen, device="cuda") * 0.02 for r, c in ((i, h),) * 2]
     mats.append(torch.randn(h, i, generator=gen, device="cuda") * 0.02)
     return quantize_expert_int4(*[m.bfloat16() for m in mats], group_size=128)
@@ -607,6 +681,46 @@ def test_expert_forward_gpu_real_shapes(shape: str) -> None:
     for t in (1, 2, 4, 8, 16, 64, 512):
         got = expert_forward_int4(x[:t], buffer, layout)
         assert _rel(got, expected[:t]) < 1e-2, (shape, t, _rel(got, expected[:t]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_experts_grouped_gpu_real_shapes(shape: str) -> None:
+    # grouped decode (GROUPED_PINNED / PINNED configs) of 12 experts in a pool, scrambled,
+    # 1..4 tokens each (three buckets, 8 + 1 experts in the 1-token bucket's launches) against
+    # each expert alone in a grouped launch and through expert_forward_int4 with the same
+    # configs pinned (bit for bit), and against the torch reference
+    from duoserve.quant import triton_kernels as tk
+
+    set_autotune(False)
+    h, i = GPU_SHAPES[shape]
+    experts = [_gpu_expert(h, i, seed=20 + e) for e in range(3)]
+    layout = experts[0][1]
+    pool = torch.empty(12, layout.num_bytes, dtype=torch.uint8, device="cuda")
+    order = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4, 11, 10]
+    counts = [1, 2, 1, 1, 4, 1, 3, 1, 1, 1, 1, 1]
+    bufs = [pool[s] for s in order]
+    for e, b in enumerate(bufs):
+        b.copy_(experts[e % 3][0])
+    spans = [(sum(counts[:e]), n) for e, n in enumerate(counts)]
+    x = torch.randn(sum(counts), h, generator=torch.Generator().manual_seed(3)).bfloat16().cuda()
+    out = torch.full_like(x, float("nan"))
+    tk.experts_forward_int4_grouped(x, spans, bufs, layout, out)
+    keys = [(2 * i, h, True, b) for b in (1, 2, 4)] + [(h, i, False, b) for b in (1, 2, 4)]
+    saved = dict(tk.PINNED)
+    tk.PINNED.update({k: tk.GROUPED_PINNED[k] for k in keys if k in tk.GROUPED_PINNED})
+    try:
+        for (a, n), b in zip(spans, bufs):
+            one = torch.full_like(x[a : a + n], float("nan"))
+            tk.experts_forward_int4_grouped(x[a : a + n], [(0, n)], [b], layout, one)
+            assert torch.equal(out[a : a + n], one), (shape, a, n, "alone in its launch")
+            alone = expert_forward_int4(x[a : a + n], b, layout)  # the same configs pinned
+            assert torch.equal(out[a : a + n], alone), (shape, a, n)
+            ref = expert_forward_int4_reference(x[a : a + n], b, layout)
+            assert _rel(out[a : a + n], ref) < 1e-2, (shape, a, n, _rel(out[a : a + n], ref))
+    finally:
+        tk.PINNED.clear()
+        tk.PINNED.update(saved)
 
 
 @pytest.mark.gpu

@@ -88,14 +88,30 @@ def _prep_words(x_ptr, T, KW, stride_x, BW: tl.constexpr, PDL: tl.constexpr):
     # program (t, block): token t, words w [BW] and x[t, 8 w + j] as fp32 [BW, 8], zero past
     # token T and word KW. PDL: launched as a programmatic dependent (x may be the previous
     # kernel's output); the stream kernel may launch at once (it waits for this one's output)
+    t = tl.program_id(0)
+    w, xv = _prep_load(x_ptr + t * stride_x, t < T, KW, BW, PDL)
+    return t, w, xv
+
+
+@triton.jit
+def _prep_load(x_row, valid, KW, BW: tl.constexpr, PDL: tl.constexpr):
+    # words w [BW] of block program_id(1) and x_row[8 w + j] as fp32 [BW, 8], zero past word KW
+    # and where not valid
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    t = tl.program_id(0)
     w = tl.program_id(1) * BW + tl.arange(0, BW)
-    ok = (w[:, None] < KW) & (t < T)
+    ok = (w[:, None] < KW) & valid
     x_offs = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
-    return t, w, tl.load(x_ptr + t * stride_x + x_offs, mask=ok, other=0.0).to(tl.float32)
+    return w, tl.load(x_row + x_offs, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pick(e, v0, v1, v2, v3, v4, v5, v6, v7):
+    # the e-th of eight scalars (the grouped kernels' per-expert arguments)
+    lo = tl.where(e == 0, v0, tl.where(e == 1, v1, tl.where(e == 2, v2, v3)))
+    hi = tl.where(e == 4, v4, tl.where(e == 5, v5, tl.where(e == 6, v6, v7)))
+    return tl.where(e < 4, lo, hi)
 
 
 @triton.jit
@@ -104,12 +120,34 @@ def prep_x(x_ptr, xp_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
     # x [T, 8 KW] -> xp [BT, 10, SX] fp32 (see the module docstring), zero past token T and
     # word KW, so the stream kernel's x' loads need no masks; grid (BT, SX / BW)
     t, w, xv = _prep_words(x_ptr, T, KW, stride_x, BW, PDL)
+    _store_x(xp_ptr + t * 10 * SX, w, xv, SX)
+
+
+@triton.jit
+def _store_x(base, w, xv, SX: tl.constexpr):
+    # one token's words w of prep_x's rows at base
     xs = xv * _stream_lift()[None, :]
-    base = xp_ptr + t * 10 * SX
     inside = w < SX
     tl.store(base + w[:, None] + tl.arange(0, 8)[None, :] * SX, xs, mask=inside[:, None])
     tl.store(base + 8 * SX + w, -tl.sum(xv, axis=1), mask=inside)
     tl.store(base + 9 * SX + w, -tl.sum(xs, axis=1), mask=inside)
+
+
+@triton.jit(do_not_specialize=["KW", "stride_x", "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"])
+def prep_grouped(x_ptr, xp_ptr, KW, stride_x, r0, r1, r2, r3, r4, r5, r6, r7,
+                 SX: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, HALF: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
+    # prep_x (HALF: prep_xh) for up to 8 experts at once: expert e's tokens are the rows
+    # lo .. lo + T - 1 of x (r_e = lo << 8 | T, T <= BT), its block xp[e BT .. e BT + BT - 1]
+    # (zero past T); grid (experts x BT, SX / BW)
+    i = tl.program_id(0)
+    r = _pick(i // BT, r0, r1, r2, r3, r4, r5, r6, r7)
+    t = i % BT
+    w, xv = _prep_load(x_ptr + ((r >> 8) + t).to(tl.int64) * stride_x, t < (r & 255), KW, BW, PDL)
+    if HALF:
+        _store_xh(xp_ptr + i * 5 * SX, w, xv, SX, BW)
+    else:
+        _store_x(xp_ptr + i * 10 * SX, w, xv, SX)
 
 
 def _half_dot_asm() -> str:
@@ -169,6 +207,12 @@ def prep_xh(x_ptr, xh_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
     # word w: the fp16 pair {x~[8w + i], x~[8w + i + 4]}, divided by 16 for odd i; row 4, word
     # w: 2^-e of w's chunk (fp32 bits). Zero past word KW and token T (no masks downstream)
     t, w, xv = _prep_words(x_ptr, T, KW, stride_x, BW, PDL)
+    _store_xh(xh_ptr + t * 5 * SX, w, xv, SX, BW)
+
+
+@triton.jit
+def _store_xh(base, w, xv, SX: tl.constexpr, BW: tl.constexpr):
+    # one token's words w of prep_xh's rows at base
     chunk_max = tl.max(tl.reshape(tl.abs(xv), (BW // 4, 32)), axis=1)
     biased = (chunk_max.to(tl.int32, bitcast=True) >> 23) & 255
     biased = tl.maximum(biased, 6)  # 0 (all zeros) and tiny maxima: a normal 2^-e
@@ -181,7 +225,6 @@ def prep_xh(x_ptr, xh_ptr, T, KW, stride_x, SX: tl.constexpr, BW: tl.constexpr,
     f = tl.where(tl.arange(0, 4) % 2 == 1, 0.0625, 1.0)[None, :]
     lo = (lo * f).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     hi = (hi * f).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    base = xh_ptr + t * 5 * SX
     inside = w < SX
     tl.store(
         base + tl.arange(0, 4)[None, :] * SX + w[:, None], lo | (hi << 16), mask=inside[:, None]
@@ -387,6 +430,50 @@ def stream(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, s
     # (the down matrix's prep_x) may launch early (it waits for y). grid (N / BN,)
     if PDL:
         gdc_launch_dependents()
+    _stream_rows(
+        xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, stride_q, stride_s,
+        magic, HAS_ZEROS, FUSED, GROUP, BN, G, BT, NS, PREFETCH, SX, EVEN, PDL, ONE_PASS, AHEAD,
+        HALF,
+    )  # fmt: skip
+
+
+@triton.jit(
+    do_not_specialize=["N", "KW", "up_offset", "stride_y", "stride_s", "unit"]
+    + [f"{c}{i}" for c in "dr" for i in range(8)]
+)
+def stream_grouped(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, KW, up_offset, stride_y, stride_q,
+                   stride_s, magic, unit, d0, d1, d2, d3, d4, d5, d6, d7, r0, r1, r2, r3, r4,
+                   r5, r6, r7, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+                   GROUP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
+                   NS: tl.constexpr, PREFETCH: tl.constexpr, SX: tl.constexpr,
+                   EVEN: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr,
+                   AHEAD: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
+    # stream for up to 8 experts of one layout in one launch, grid (N / BN, experts): expert e
+    # has its buffer d_e * unit bytes past the one qw/s/z view (unit a multiple of 4), its
+    # tokens' prepared input at block e of xp (prep_grouped) and its outputs at rows
+    # lo .. lo + T - 1 of y (r_e = lo << 8 | T)
+    if PDL:
+        gdc_launch_dependents()
+    e = tl.program_id(1)
+    off = _pick(e, d0, d1, d2, d3, d4, d5, d6, d7).to(tl.int64) * unit
+    r = _pick(e, r0, r1, r2, r3, r4, r5, r6, r7)
+    x_rows: tl.constexpr = 10 - 5 * (HALF > 0)
+    _stream_rows(
+        xp_ptr + e * (BT * x_rows * SX), qw_ptr + off // 4, s_ptr + off // 2, z_ptr + off,
+        y_ptr + (r >> 8).to(tl.int64) * stride_y, r & 255, N, KW, up_offset, stride_y,
+        stride_q, stride_s, magic, HAS_ZEROS, FUSED, GROUP, BN, G, BT, NS, PREFETCH, SX, EVEN,
+        PDL, ONE_PASS, AHEAD, HALF,
+    )  # fmt: skip
+
+
+@triton.jit
+def _stream_rows(xp_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, T, N, KW, up_offset, stride_y, stride_q,
+                 stride_s, magic, HAS_ZEROS: tl.constexpr, FUSED: tl.constexpr,
+                 GROUP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
+                 NS: tl.constexpr, PREFETCH: tl.constexpr, SX: tl.constexpr,
+                 EVEN: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr,
+                 AHEAD: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
+    # the row block program_id(0) of stream (see there)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     row_mask = rows < N
     if FUSED and ONE_PASS:

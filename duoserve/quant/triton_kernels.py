@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -239,6 +240,22 @@ PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
 }
 
 
+# Grouped decode launches (experts_forward_int4_grouped), same keys as PINNED; absent keys take
+# PINNED's / the tuning cache's config. The bench's grouped sweep (bench/results/
+# int4-kernels-h100-v11.log, H100): the fastest of its candidates for Mixtral's top-2 launch and
+# Qwen3's top-8 launch, 1 token per expert.
+GROUPED_PINNED: dict[tuple[int, int, bool, int], KernelConfig] = {
+    (28672, 4096, True, 1): KernelConfig(
+        _S, 2, 1024, 1, 1, 1, prefetch=True, one_pass=True, half=True
+    ),
+    (4096, 14336, False, 1): KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True, half=True),
+    (1536, 2048, True, 1): KernelConfig(
+        _S, 2, 1024, 1, 1, 1, prefetch=True, one_pass=True, half=True
+    ),
+    (2048, 768, False, 1): KernelConfig(_S, 4, 1024, 1, 1, 1, prefetch=True, half=True),
+}
+
+
 def candidate_configs(kind: str) -> list[KernelConfig]:
     """Configurations worth timing for `kind` (a key of _CANDIDATES)."""
     return list(_CANDIDATES[kind])
@@ -433,6 +450,71 @@ def stream_launch(cfg: KernelConfig, xin: StreamInput, w, group_size, y, fused: 
     )  # fmt: skip
 
 
+_SLOTS = 8  # per-expert scalar arguments of the grouped kernels
+MAX_GROUP = _SLOTS  # experts per grouped launch (<= _SLOTS)
+
+
+def group_offsets(buffers: list[torch.Tensor]) -> tuple[torch.Tensor, int, list[int]] | None:
+    """(base, unit, d): buffer e starts d[e] * unit bytes past `base` (the lowest of them), for
+    the grouped kernels; None when the buffers are not that (unit not a multiple of 4, an index
+    past int32)."""
+    ptrs = [b.data_ptr() for b in buffers]
+    lowest = min(range(len(ptrs)), key=ptrs.__getitem__)
+    deltas = [p - ptrs[lowest] for p in ptrs]
+    unit = functools.reduce(math.gcd, deltas, 0) or 4
+    if unit % 4 or unit >= 1 << 31 or max(deltas) // unit >= 1 << 31:
+        return None
+    return buffers[lowest], unit, [d // unit for d in deltas]
+
+
+def stream_grouped_launch(
+    cfg: KernelConfig,
+    x: torch.Tensor,
+    spans: list[tuple[int, int]],
+    w,
+    unit: int,
+    index: list[int],
+    group_size: int,
+    y: torch.Tensor,
+    fused: bool,
+) -> None:
+    """prep and stream for up to MAX_GROUP experts in two launches: expert e's tokens are the
+    rows lo .. lo + n - 1 of x (spans[e] = (lo, n), n <= cfg.block_t), its weights the views
+    w = (qweight, scales, zeros) moved index[e] * unit bytes, its outputs y's rows lo .. lo + n
+    - 1 (fused: silu(gate) * up)."""
+    kernels = _kernels()
+    num, t = len(spans), cfg.block_t
+    assert 0 < num <= _SLOTS and len(index) == num, f"{num} experts (1..{_SLOTS})"
+    assert all(0 < n <= t for _, n in spans), f"spans {spans} exceed the tile of {t} tokens"
+    assert x.stride(1) == 1 and y.stride(1) == 1, "x and y need unit column strides"
+    qweight, scales, zeros = w
+    n_rows, kw = qweight.shape[0], x.shape[1] // 8
+    n_out = n_rows // 2 if fused else n_rows
+    groups, sx = _stream_steps(cfg, x.shape[1], group_size)
+    step = groups * group_size // 8
+    half = _half(cfg, group_size, step)
+    pdl = _pdl(y.device)
+    xp = torch.empty(
+        num * t, 5 if half else 10, sx, dtype=torch.int32 if half else torch.float32,
+        device=x.device,
+    )  # fmt: skip
+    r = [lo << 8 | n for lo, n in spans] + [0] * (_SLOTS - num)
+    kernels.prep_grouped[(num * t, -(-sx // 32))](
+        x, xp, kw, x.stride(0), *r, SX=sx, BW=32, BT=t, HALF=half, PDL=pdl, num_warps=1,
+        launch_pdl=pdl,
+    )  # fmt: skip
+    z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
+    kernels.stream_grouped[(-(-n_out // cfg.block_n), num)](
+        xp, qweight, scales, z, y, n_out, kw, n_out, y.stride(0), qweight.stride(0),
+        scales.stride(0), kernels.STREAM_MAGIC, unit, *index, *[0] * (_SLOTS - num), *r,
+        HAS_ZEROS=zeros is not None, FUSED=fused, GROUP=group_size, BN=cfg.block_n, G=groups,
+        BT=t, NS=cfg.num_stages, PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0, PDL=pdl,
+        ONE_PASS=cfg.one_pass, AHEAD=cfg.ahead,
+        HALF=(2 if _interpreting() else 1) if half else 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+    )  # fmt: skip
+
+
 def _launch_stream(cfg: KernelConfig, x, w, group_size, y, fused: bool) -> None:
     # prep_x: x [T, K] -> xp [block_t, 10, K / 8 rounded up to whole steps] fp32, zero-padded
     # (half: prep_xh, xp [block_t, 5, ...] int32); then stream over the row blocks
@@ -525,8 +607,8 @@ def _pick_config(x, w, group_size, y, fused) -> KernelConfig:
     # PINNED, then the tuning cache / a sweep (CUDA), then the first candidate of the kind
     kinds = ["dequant"] if x is None else kinds_for_tokens(x.shape[0])
     key = (w[0].shape[0], w[0].shape[1] * 8, fused, 0 if x is None else token_bucket(x.shape[0]))
-    pinned = PINNED.get(key)
-    if pinned is not None and (pinned.kernel != "stream" or x.shape[0] <= pinned.block_t):
+    pinned = _pinned_for(PINNED.get(key), 0 if x is None else x.shape[0])
+    if pinned is not None:
         return pinned
     default = candidate_configs(kinds[0])[0]
     if not (_AUTOTUNE and y.is_cuda) or _interpreting():
@@ -540,6 +622,13 @@ def _pick_config(x, w, group_size, y, fused) -> KernelConfig:
         timed = sweep_configs(kinds, time_fn)
         _TUNED[key] = timed[0][0] if timed else default
     return _TUNED[key]
+
+
+def _pinned_for(pinned: KernelConfig | None, num_tokens: int) -> KernelConfig | None:
+    # a PINNED entry, unless a stream tile too small for the tokens
+    if pinned is not None and (pinned.kernel != "stream" or num_tokens <= pinned.block_t):
+        return pinned
+    return None
 
 
 def _median_ms(fn, warmup: int = 5, rep: int = 20) -> float:
@@ -753,3 +842,89 @@ def expert_forward_int4(
     if scratch is None:
         scratch = torch.empty(prefill_scratch_numel(layout), dtype=x.dtype, device=x.device)
     return _dense_expert(x_in, *_dequant_expert(buffer, layout, scratch, backend))
+
+
+def grouped_decode_configs(
+    x: torch.Tensor, buffer: torch.Tensor, layout: Int4ExpertLayout, act: torch.Tensor,
+    out: torch.Tensor,
+) -> tuple[KernelConfig, KernelConfig] | None:  # fmt: skip
+    """(gate/up, down) configs of a grouped launch over experts with x's tokens: GROUPED_PINNED,
+    else the ones expert_forward_int4 would pick (PINNED, the tuning cache, a sweep on first
+    use); None unless both are stream configs (more than STREAM_MAX_TOKENS tokens, tc pinned)
+    or with GPTQ act-order (every expert permutes x its own way). act [T, I] and out [T, H]
+    are written when a sweep runs."""
+    if not 1 <= x.shape[0] <= STREAM_MAX_TOKENS or layout.has_act_order:
+        return None
+    if _decode_tc_configs(x.shape[0], layout) is not None:
+        return None
+    g, h, i, t = layout.group_size, layout.hidden_size, layout.intermediate_size, x.shape[0]
+    keys = ((2 * i, h, True, token_bucket(t)), (h, i, False, token_bucket(t)))
+    # GROUPED_PINNED, else PINNED as _pick_config reads it (no views made), else _pick_config
+    cfg_gu, cfg_d = (
+        GROUPED_PINNED.get(k) or _pinned_for(PINNED.get(k), t) for k in keys
+    )  # fmt: skip
+    if cfg_gu is None:
+        cfg_gu = _pick_config(x, layout.gate_up_views(buffer), g, act, True)
+    if cfg_d is None:
+        cfg_d = _pick_config(act, layout.down_views(buffer), g, out, False)
+    if cfg_gu.kernel != "stream" or cfg_d.kernel != "stream":
+        return None
+    return cfg_gu, cfg_d
+
+
+def experts_forward_int4_grouped(
+    x_rows: torch.Tensor,
+    spans: list[tuple[int, int]],
+    buffers: list[torch.Tensor],
+    layout: Int4ExpertLayout,
+    out: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Decode for several int4 experts of one layout: out[lo : lo + n] = expert e on
+    x_rows[lo : lo + n] for spans[e] = (lo, n), buffers[e] its buffer. Triton: the experts of
+    one token bucket in four launches per MAX_GROUP of them (gate/up prep and stream, down
+    prep and stream) with grouped_decode_configs' configs, so the values depend on the token
+    bucket only, not on which experts share a launch (and equal expert_forward_int4's bit for
+    bit where it picks the same configs); experts where grouped_decode_configs says None,
+    buffers that group_offsets cannot place, and the torch backend: expert_forward_int4 per
+    expert."""
+    assert len(spans) == len(buffers), f"{len(spans)} spans for {len(buffers)} buffers"
+    assert out.dim() == 2 and out.stride(1) == 1, "out: [rows, H] with unit column stride"
+    by_bucket: dict[int, list[int]] = {}
+    for e, (_, n) in enumerate(spans):
+        by_bucket.setdefault(token_bucket(n), []).append(e)
+    alone = []
+    if _use_triton(x_rows, backend) and any(b <= STREAM_MAX_TOKENS for b in by_bucket):
+        x_rows = x_rows.contiguous()
+        act = torch.empty(
+            x_rows.shape[0], layout.intermediate_size, dtype=x_rows.dtype, device=x_rows.device
+        )
+    else:
+        alone, by_bucket = list(range(len(spans))), {}
+    g = layout.group_size
+    for members in by_bucket.values():
+        lo, n = spans[members[0]]
+        cfgs = grouped_decode_configs(
+            x_rows[lo : lo + n], buffers[members[0]], layout, act[lo : lo + n], out[lo : lo + n]
+        )
+        if cfgs is None:
+            alone += members
+            continue
+        for c in range(0, len(members), MAX_GROUP):
+            chunk = members[c : c + MAX_GROUP]
+            offs = group_offsets([buffers[e] for e in chunk])
+            if offs is None:
+                alone += chunk
+                continue
+            base, unit, index = offs
+            sp = [spans[e] for e in chunk]
+            gu, dn = layout.gate_up_views(base), layout.down_views(base)
+            stream_grouped_launch(cfgs[0], x_rows, sp, gu, unit, index, g, act, True)
+            stream_grouped_launch(cfgs[1], act, sp, dn, unit, index, g, out, False)
+    for e in alone:
+        lo, n = spans[e]
+        out[lo : lo + n] = expert_forward_int4(
+            x_rows[lo : lo + n], buffers[e], layout, backend=backend
+        )
+    return out
