@@ -23,7 +23,11 @@ from duoserve.layers.moe import (
 )
 from duoserve.offload.expert_cache import ExpertCache
 from duoserve.offload.host_store import HostExpertStore
-from duoserve.offload.resident import compute_expert_rows, make_dequant_scratch
+from duoserve.offload.resident import (
+    compute_expert_rows,
+    compute_experts_rows,
+    make_dequant_scratch,
+)
 from duoserve.offload.transfer import TransferEngine
 
 MAX_PENDING_EVENTS = 4096
@@ -192,13 +196,17 @@ class CachedExperts:
         pending = [not s.is_hit or ready_events[s.slot] is not None for s in slots]
         if self.grouped:
             self._grouped_wave(x, plan, slots, pending, out_rows, first and last)
-        else:
-            for j, s, wait in sorted(zip(js, slots, pending), key=lambda t: t[2]):
-                if wait:  # hits first: they compute while the misses land
+        else:  # hits first, together: they compute while the misses land
+            inter = self.cfg.moe_intermediate_size
+            ready = [(j, s) for j, s, wait in zip(js, slots, pending) if not wait]
+            compute_experts_rows(x, plan, [j for j, _ in ready],
+                                 [cache_slots[s.slot] for _, s in ready], inter, out_rows,
+                                 self.layout, self.scratch)  # fmt: skip
+            for j, s, wait in zip(js, slots, pending):
+                if wait:
                     self.transfer.wait_ready(s.slot)
-                w = cache_slots[s.slot]
-                compute_expert_rows(x, plan, j, w, self.cfg.moe_intermediate_size, out_rows,
-                                    self.layout, self.scratch)  # fmt: skip
+                    compute_expert_rows(x, plan, j, cache_slots[s.slot], inter, out_rows,
+                                        self.layout, self.scratch)  # fmt: skip
         self.transfer.mark_read_slots([s.slot for s in slots])
         self.cache.release(slots)
 

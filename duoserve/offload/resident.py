@@ -18,8 +18,15 @@ from duoserve.layers.moe import (
 )
 from duoserve.quant.int4 import Int4ExpertLayout
 from duoserve.quant.loading import load_int4_layer
-from duoserve.quant.triton_kernels import expert_forward_int4, prefill_scratch_numel
+from duoserve.quant.triton_kernels import (
+    STREAM_MAX_TOKENS,
+    expert_forward_int4,
+    experts_forward_int4_grouped,
+    prefill_scratch_numel,
+)
 from duoserve.weights.loader import iter_expert_weights, pack_expert
+
+GROUPED_INT4_DECODE = True  # int4 decode experts through the grouped launches (False: one by one)
 
 
 def compute_expert_rows(
@@ -39,8 +46,39 @@ def compute_expert_rows(
     x_rows = x[plan.token_rows_dev[lo:hi]]  # [n, H]
     if layout is None:
         out_rows[lo:hi] = expert_mlp(x_rows, weights, inter)
+    elif GROUPED_INT4_DECODE and hi - lo <= STREAM_MAX_TOKENS:  # the grouped path's configs
+        experts_forward_int4_grouped(x_rows, [(0, hi - lo)], [weights], layout, out_rows[lo:hi])
     else:
         out_rows[lo:hi] = expert_forward_int4(x_rows, weights, layout, scratch=scratch)
+
+
+def compute_experts_rows(
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    js: list[int],
+    buffers: list[torch.Tensor],
+    inter: int,
+    out_rows: torch.Tensor,
+    layout: Int4ExpertLayout | None = None,
+    scratch: torch.Tensor | None = None,
+) -> None:
+    """compute_expert_rows for the plan's experts js (buffers[i] holds expert js[i]); int4
+    experts of at most STREAM_MAX_TOKENS tokens each run in grouped launches, whose values
+    do not depend on which experts share one (experts_forward_int4_grouped)."""
+    offsets = plan.row_offsets
+    spans = [(offsets[j], offsets[j + 1] - offsets[j]) for j in js]
+    grouped = (
+        GROUPED_INT4_DECODE
+        and layout is not None
+        and len(js) > 1
+        and max(n for _, n in spans) <= STREAM_MAX_TOKENS
+    )
+    if not grouped:
+        for j, w in zip(js, buffers):
+            compute_expert_rows(x, plan, j, w, inter, out_rows, layout, scratch)
+        return
+    x_rows = x[plan.token_rows_dev]  # [T*K, H], sorted by expert
+    experts_forward_int4_grouped(x_rows, spans, buffers, layout, out_rows)
 
 
 def make_dequant_scratch(
@@ -118,5 +156,7 @@ class ResidentExperts:
                 x[plan.token_rows_dev], layer, plan.expert_of_row_dev, inter
             )
             return
-        for j, e in enumerate(plan.expert_ids):
-            compute_expert_rows(x, plan, j, layer[e], inter, out_rows, self.layout, self.scratch)
+        ids = plan.expert_ids
+        buffers = [layer[e] for e in ids]
+        js = list(range(len(ids)))
+        compute_experts_rows(x, plan, js, buffers, inter, out_rows, self.layout, self.scratch)
