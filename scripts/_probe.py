@@ -4,6 +4,8 @@ the whole expert through expert_forward_int4 with given configs pinned."""
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from duoserve.bench.int4_kernels import (
     SHAPES,
@@ -84,3 +86,20 @@ def bench_loop(fn, n: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / n
+
+
+def kernel_us(f, cps, names) -> str:
+    """Median device duration of each named kernel over 24 cold calls."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for j in range(24):
+            f(*cps[j % len(cps)])
+        torch.cuda.synchronize()
+    out = []
+    for nm in names:
+        d = sorted(
+            e.time_range.elapsed_us()
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA and e.name == nm
+        )
+        out.append(f"{nm} {d[len(d) // 2]:.1f} us (x{len(d) // 24})" if d else f"{nm} -")
+    return ", ".join(out)

@@ -12,9 +12,7 @@ read bf16 pair rows written by gate/up and rescaled them itself (commit 827bee5,
 
 import torch
 import triton
-from _probe import op_setup, setup
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from _probe import kernel_us, op_setup, setup
 
 from duoserve.bench.int4_kernels import _bench_cold, _bench_cold_seq, _copies, _nbytes
 from duoserve.quant import triton_kernels as tk
@@ -33,23 +31,6 @@ def name(c: KernelConfig) -> str:
         f"{' pf' if c.prefetch else ''}{f' a{c.ahead}' if c.ahead > 1 else ''}"
         f"{' half' if c.half else ''}"
     )
-
-
-def kernel_us(f, cps, names) -> str:
-    """Median device duration of each named kernel over 24 cold calls."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for j in range(24):
-            f(*cps[j % len(cps)])
-        torch.cuda.synchronize()
-    out = []
-    for nm in names:
-        d = sorted(
-            e.time_range.elapsed_us()
-            for e in prof.events()
-            if e.device_type == DeviceType.CUDA and e.name == nm
-        )
-        out.append(f"{nm} {d[len(d) // 2]:.1f} us (x{len(d) // 24})" if d else f"{nm} -")
-    return ", ".join(out)
 
 
 def row(label, f, cps, roof_us, names=()):

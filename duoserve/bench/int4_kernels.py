@@ -16,6 +16,7 @@ duoserve/quant/triton_kernels.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,14 +33,18 @@ from duoserve.quant.int4_gemm import expert_forward_w4a16
 from duoserve.quant.int4_prefill import experts_prefill_overlapped
 from duoserve.quant.int4_tc import expert_forward_tc
 from duoserve.quant.triton_kernels import (
+    GROUPED_PINNED,
     PINNED,
     KernelConfig,
     candidate_configs,
     dequantize_int4_into,
     expert_forward_int4,
+    experts_forward_int4_grouped,
+    group_offsets,
     int4_gate_up_silu,
     int4_linear,
     kinds_for_tokens,
+    stream_grouped_launch,
     sweep_configs,
     token_bucket,
 )
@@ -50,6 +55,26 @@ PREFILL_TOKENS = 512
 MAX_REL_ERR = 1e-2
 GROUP = 128
 OVERLAP_EXPERTS = 4
+# experts per grouped decode launch, 1 token each: a token's top-k (Mixtral 2, Qwen3 8) and all 8
+# of a Mixtral layer (a batch that routes to every expert)
+GROUPED_EXPERTS = {"mixtral": (2, 8), "qwen3-30b-a3b": (8,), "tiny": (2,)}
+_HS = dict(prefetch=True, half=True)
+# configs timed for each op of the grouped launch of the first count above (with the
+# GROUPED_PINNED / this run's best single-expert config): the fastest is the entry's
+GROUPED_SWEEP = {
+    "gate_up": [
+        KernelConfig("stream", 1, 1024, 1, 1, one_pass=True, ahead=2, **_HS),
+        KernelConfig("stream", 1, 1024, 1, 1, one_pass=True, **_HS),
+        KernelConfig("stream", 2, 1024, 1, 1, one_pass=True, **_HS),
+    ],
+    "down": [
+        KernelConfig("stream", 2, 2048, 1, 2, **_HS),
+        KernelConfig("stream", 4, 1024, 1, 1, **_HS),
+        KernelConfig("stream", 4, 2048, 1, 2, **_HS),
+        KernelConfig("stream", 8, 1024, 1, 1, **_HS),
+        KernelConfig("stream", 4, 1024, 1, 1, ahead=2, **_HS),
+    ],
+}
 KINDS: set[str] | None = None  # --kinds: only these candidate kinds (None: all)
 
 
@@ -108,30 +133,36 @@ def _bench_cold_seq(fn, copies: list[tuple], n: int = 8) -> float:
     return _queued_ms(fn, copies, n) / n
 
 
-def _queued_ms(fn, copies: list[tuple], n: int, sleep_cycles: int = 20_000_000) -> float:
-    # COLD_REPS event pairs around n calls each, all queued behind a sleep kernel (~10 ms per
-    # call in a row at first). If the sleep ended before the host had queued every call, the
-    # later pairs timed the host's launches too: again with a 4x longer sleep
-    for args in copies[:2]:
-        fn(*args)
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(COLD_REPS)]
-    slept = torch.cuda.Event()
-    torch.cuda._sleep(sleep_cycles * n)
-    slept.record()
+def _queued_ms(fn, copies: list[tuple], n: int) -> float:
+    # COLD_REPS event pairs around n calls each, each pair queued behind its own sleep kernel
+    # sized from the host's time per call (one pair at a time: the launch queue holds about a
+    # thousand launches, and a call may be several). If the sleep ended before the host had
+    # queued the pair's calls, the pair timed the host too: that pair again, sleeping 4x longer
     i = 0
-    for start, end in events:
+    for args in copies[:2]:
+        start = time.perf_counter()
+        fn(*args)
+        host_s = time.perf_counter() - start
+    torch.cuda.synchronize()
+    sleep_cycles = int(2e9 * (1e-3 + 2 * n * host_s))  # clocks below 2 GHz: longer sleeps
+    times = []
+    while len(times) < COLD_REPS:
+        start, end, slept = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        torch.cuda._sleep(sleep_cycles)
+        slept.record()
         start.record()
         for _ in range(n):
             fn(*copies[i % len(copies)])
             i += 1
         end.record()
-    host_bound = slept.query()  # True: the GPU had finished sleeping already
-    torch.cuda.synchronize()
-    if host_bound and sleep_cycles < 20_000_000 * 64:
-        return _queued_ms(fn, copies, n, 4 * sleep_cycles)
-    assert not host_bound, "launches are queued slower than a 640 ms sleep"
-    return sorted(s.elapsed_time(e) for s, e in events)[COLD_REPS // 2]
+        host_bound = slept.query()  # True: the GPU had finished sleeping already
+        torch.cuda.synchronize()
+        if not host_bound:
+            times.append(start.elapsed_time(end))
+            continue
+        assert sleep_cycles < 2_000_000_000, "launches are queued slower than a 1 s sleep"
+        sleep_cycles *= 4
+    return sorted(times)[COLD_REPS // 2]
 
 
 def _sync() -> None:
@@ -298,6 +329,7 @@ def bench_shape(name: str, device: torch.device, bw_gbps: float) -> tuple[list, 
     return rows, dict(
         shape=name, **prefill, **_bench_tc_experts(layout, buffer, w_gu, w_d, rows),
         **_bench_entry_experts(layout, buffer, w_gu, w_d, rows, bw_gbps),
+        **_bench_grouped_experts(name, layout, buffer, w_gu, w_d, rows, bw_gbps),
     )  # fmt: skip
 
 
@@ -354,50 +386,153 @@ def _bench_tc_experts(layout, buffer, w_gu, w_d, rows) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _pin_best(rows: list[dict], layout, t: int):
+    """PINNED holds this run's fastest config of each op at t's token bucket while inside
+    (restored after); yields the two best rows (gate/up, down), or None without both."""
+    best = [_best(rows, tokens=t, op=op) for op in ("gate_up", "down")]
+    if None in best:
+        yield None
+        return
+    h, i = layout.hidden_size, layout.intermediate_size
+    keys = [(2 * i, h, True, token_bucket(t)), (h, i, False, token_bucket(t))]
+    saved = {k: PINNED.get(k) for k in keys}
+    for k, b in zip(keys, best):
+        PINNED[k] = KernelConfig(**b["config"])
+    try:
+        yield best
+    finally:
+        for k, c in saved.items():
+            if c is None:
+                PINNED.pop(k, None)
+            else:
+                PINNED[k] = c
+
+
 def _bench_entry_experts(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
     """The whole decode expert through the engine's entry point (expert_forward_int4: every
     launch, with this run's fastest config of each op pinned), weights cold in the L2, against
     the expert's roofline (its int4 bytes / HBM bandwidth) and the cold bf16 cuBLAS expert."""
     out = {}
-    gate_up, down = layout.gate_up_views(buffer), layout.down_views(buffer)
     roof_us = _nbytes(buffer) / bw_gbps / 1e3
     wgu_bf16, wd_bf16 = w_gu.bfloat16(), w_d.bfloat16()
     bufs, mats = _copies((buffer,)), _copies((wgu_bf16, wd_bf16))  # cold weights, all T
     for t in DECODE_TOKENS:
-        best = [_best(rows, tokens=t, op=op) for op in ("gate_up", "down")]
-        if None in best:
-            continue
-        keys = [
-            (w[0].shape[0], w[0].shape[1] * 8, op == "gate_up", token_bucket(t))
-            for w, op in ((gate_up, "gate_up"), (down, "down"))
-        ]
-        saved = {k: PINNED.get(k) for k in keys}
-        for k, b in zip(keys, best):
-            PINNED[k] = KernelConfig(**b["config"])
         x = torch.randn(t, layout.hidden_size, device=w_gu.device).bfloat16()
-        try:
-            err = _rel(expert_forward_int4(x, buffer, layout), _bf16_expert(x)(wgu_bf16, wd_bf16))
-            us = 1e3 * _bench_cold(lambda b, x=x: expert_forward_int4(x, b, layout), bufs)
-            seq_us = 1e3 * _bench_cold_seq(
-                lambda b, x=x: expert_forward_int4(x, b, layout), bufs, SEQ_CALLS
-            )
-            bf16_us = 1e3 * _bench_cold(_bf16_expert(x), mats)
-        except Exception as e:
-            traceback.print_exc(limit=3)
-            out[f"entry_expert_t{t}_error"] = f"{type(e).__name__}: {e}"
-            continue
-        finally:
-            for k, c in saved.items():
-                if c is None:
-                    PINNED.pop(k, None)
-                else:
-                    PINNED[k] = c
+        with _pin_best(rows, layout, t) as best:
+            if best is None:
+                continue
+            try:
+                ref = _bf16_expert(x)(wgu_bf16, wd_bf16)
+                err = _rel(expert_forward_int4(x, buffer, layout), ref)
+                us = 1e3 * _bench_cold(lambda b, x=x: expert_forward_int4(x, b, layout), bufs)
+                seq_us = 1e3 * _bench_cold_seq(
+                    lambda b, x=x: expert_forward_int4(x, b, layout), bufs, SEQ_CALLS
+                )
+                bf16_us = 1e3 * _bench_cold(_bf16_expert(x), mats)
+            except Exception as e:
+                traceback.print_exc(limit=3)
+                out[f"entry_expert_t{t}_error"] = f"{type(e).__name__}: {e}"
+                continue
         out[f"entry_expert_t{t}"] = dict(
             cold_us=us, roofline_us=roof_us, pct_roofline=100 * roof_us / us, rel_err=err,
             seq_us=seq_us, seq_pct_roofline=100 * roof_us / seq_us,
             bf16_cold_us=bf16_us, kernels=[b["kernel"] for b in best],
         )  # fmt: skip
     return out
+
+
+def _timed(fn, copies: list[tuple], roof_us: float) -> dict:
+    # cold L2: alone and SEQ_CALLS in a row, next to the roofline
+    alone, seq = 1e3 * _bench_cold(fn, copies), 1e3 * _bench_cold_seq(fn, copies, SEQ_CALLS)
+    return dict(
+        cold_us=alone, pct_roofline=100 * roof_us / alone, seq_us=seq,
+        seq_pct_roofline=100 * roof_us / seq, roofline_us=roof_us,
+    )  # fmt: skip
+
+
+def _bench_grouped_experts(name, layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
+    """Decode of n experts, 1 token each, through experts_forward_int4_grouped (gate/up prep
+    and stream, down prep and stream: one launch each for all n). For the first n, each op's
+    GROUPED_SWEEP configs (and the current one) are timed and the fastest pinned in
+    GROUPED_PINNED (restored after), then for every n: the whole (against n x the expert's
+    roofline), each op's two launches (n x that matrix's roofline), and the same experts one
+    by one through expert_forward_int4 (four launches each, this run's best single-expert
+    configs); cold L2, alone and in a row. The n experts are n copies of one expert in one
+    pool (distinct bytes: every byte is read)."""
+    out: dict = {}
+    h, i = layout.hidden_size, layout.intermediate_size
+    keys = {"gate_up": (2 * i, h, True, 1), "down": (h, i, False, 1)}
+    saved = {k: GROUPED_PINNED.get(k) for k in keys.values()}
+    with _pin_best(rows, layout, 1) as best:
+        try:
+            for j, n in enumerate(GROUPED_EXPERTS.get(name, ()) if best else ()):
+                key = f"grouped_t1_e{n}"
+                try:
+                    out[key] = _grouped_entry(n, layout, buffer, w_gu, w_d, keys, j == 0, bw_gbps)
+                except Exception as e:
+                    traceback.print_exc(limit=3)
+                    out[key + "_error"] = f"{type(e).__name__}: {e}"
+        finally:
+            for k, c in saved.items():
+                if c is None:
+                    GROUPED_PINNED.pop(k, None)
+                else:
+                    GROUPED_PINNED[k] = c
+    return out
+
+
+def _grouped_entry(n, layout, buffer, w_gu, w_d, keys, sweep, bw_gbps) -> dict:
+    # one entry of _bench_grouped_experts: n experts, 1 token each
+    g, h = layout.group_size, layout.hidden_size
+    pool = buffer.expand(n, -1).contiguous()
+    reps = 2 if SMOKE else max(ROTATE_BYTES // _nbytes(pool) + 1, SEQ_CALLS + 1)
+    views = [list(p.unbind(0)) for p in [pool] + [pool.clone() for _ in range(reps - 1)]]
+    offs = [group_offsets(v) for v in views]
+    x = torch.randn(n, h, device=buffer.device).bfloat16()
+    spans = [(e, 1) for e in range(n)]
+    y = torch.full_like(x, float("nan"))
+    act = torch.empty(n, layout.intermediate_size, dtype=x.dtype, device=x.device)
+    ops = {
+        "gate_up": ([(layout.gate_up_views(o[0]), o[1], o[2]) for o in offs], x, act, True),
+        "down": ([(layout.down_views(o[0]), o[1], o[2]) for o in offs], act, y, False),
+    }
+    result = dict(experts=n, tokens=1)
+    for op, (ws, inp, o, fused) in ops.items():
+        roof = n * _nbytes(*ws[0][0]) / bw_gbps / 1e3
+        current = GROUPED_PINNED.get(keys[op]) or PINNED[keys[op]]
+        cands = [current] + [c for c in GROUPED_SWEEP[op] if c != current] if sweep else [current]
+        timed = []
+        for cfg in cands:
+
+            def launch(w, cfg=cfg, inp=inp, o=o, fused=fused):
+                stream_grouped_launch(cfg, inp, spans, *w, g, o, fused)
+
+            timed.append(
+                dict(config=dataclasses.asdict(cfg), **_timed(launch, [(w,) for w in ws], roof))
+            )
+        fastest = min(timed, key=lambda r: r["cold_us"])
+        GROUPED_PINNED[keys[op]] = KernelConfig(**fastest["config"])
+        result[op] = dict(fastest, candidates=timed)
+    experts_forward_int4_grouped(x, spans, views[0], layout, y)
+    alone = torch.cat(
+        [expert_forward_int4(x[e : e + 1], b, layout) for e, b in enumerate(views[0])]
+    )
+    roof = n * _nbytes(buffer) / bw_gbps / 1e3
+
+    def whole(v):
+        experts_forward_int4_grouped(x, spans, v, layout, y)
+
+    def one_by_one(v):
+        for e, b in enumerate(v):
+            expert_forward_int4(x[e : e + 1], b, layout)
+
+    ref = _bf16_expert(x[:1])(w_gu.bfloat16(), w_d.bfloat16())
+    return dict(
+        result, rel_err=_rel(y[:1], ref), max_diff_one_by_one=(y - alone).abs().max().item(),
+        grouped=_timed(whole, [(v,) for v in views], roof),
+        one_by_one=_timed(one_by_one, [(v,) for v in views], roof),
+    )  # fmt: skip
 
 
 def _best(rows: list[dict], kernel_prefix: str = "", **match) -> dict | None:
@@ -756,6 +891,29 @@ def print_tables(
                 f" {e['seq_pct_roofline']:.1f}%; vs bf16 cuBLAS {e['bf16_cold_us']:.1f} us;"
                 f" rel err {e['rel_err']:.1e}"
             )
+        for _, e in _expert_entries(p, "grouped_t", "grouped decode"):
+            cells = ", ".join(
+                f"{label} {e[k]['cold_us']:.1f} us = {e[k]['pct_roofline']:.1f}% alone, "
+                f"{e[k]['seq_us']:.1f} us = {e[k]['seq_pct_roofline']:.1f}% {SEQ_CALLS} in a row"
+                f" (roofline {e[k]['roofline_us']:.1f} us)"
+                for label, k in (
+                    ("whole", "grouped"), ("gate/up", "gate_up"), ("down", "down"),
+                    ("one expert per launch", "one_by_one"),
+                )
+            )  # fmt: skip
+            print(
+                f"  grouped decode, {e['experts']} experts x {e['tokens']} token: {cells}; max"
+                f" |difference| to one by one {e['max_diff_one_by_one']:.1e}; rel err"
+                f" {e['rel_err']:.1e}; configs: gate/up {_config_name(e['gate_up']['config'])},"
+                f" down {_config_name(e['down']['config'])}"
+            )
+            for op in ("gate_up", "down"):
+                for c in e[op]["candidates"][1:] if len(e[op]["candidates"]) > 1 else ():
+                    print(
+                        f"    {op} candidate {_config_name(c['config'])}: alone"
+                        f" {c['cold_us']:.1f} us = {c['pct_roofline']:.1f}%, {SEQ_CALLS} in a"
+                        f" row {c['seq_us']:.1f} us = {c['seq_pct_roofline']:.1f}%"
+                    )
     print("\n# paste into duoserve/quant/triton_kernels.py (group 128, asymmetric, bf16)")
     print("PINNED = {")
     for key, c in pinned:
