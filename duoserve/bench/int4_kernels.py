@@ -402,11 +402,16 @@ def _pin_best(rows: list[dict], layout, t: int):
     try:
         yield best
     finally:
-        for k, c in saved.items():
-            if c is None:
-                PINNED.pop(k, None)
-            else:
-                PINNED[k] = c
+        _restore(PINNED, saved)
+
+
+def _restore(table: dict, saved: dict) -> None:
+    # put back the entries `saved` held (None: there was none)
+    for k, c in saved.items():
+        if c is None:
+            table.pop(k, None)
+        else:
+            table[k] = c
 
 
 def _bench_entry_experts(layout, buffer, w_gu, w_d, rows, bw_gbps) -> dict:
@@ -474,11 +479,7 @@ def _bench_grouped_experts(name, layout, buffer, w_gu, w_d, rows, bw_gbps) -> di
                     traceback.print_exc(limit=3)
                     out[key + "_error"] = f"{type(e).__name__}: {e}"
         finally:
-            for k, c in saved.items():
-                if c is None:
-                    GROUPED_PINNED.pop(k, None)
-                else:
-                    GROUPED_PINNED[k] = c
+            _restore(GROUPED_PINNED, saved)
     return out
 
 
