@@ -419,14 +419,31 @@ def stream_input(cfg: KernelConfig, x: torch.Tensor, group_size: int) -> StreamI
     groups, sx = _stream_steps(cfg, k, group_size)
     pdl = _pdl(x.device)
     half = _half(cfg, group_size, groups * group_size // 8)
-    rows, dtype, prep = (
-        (5, torch.int32, kernels.prep_xh) if half else (10, torch.float32, kernels.prep_x)
-    )
-    xp = torch.empty(cfg.block_t, rows, sx, dtype=dtype, device=x.device)
+    xp = _prepared_x(cfg.block_t, sx, half, x.device)
+    prep = kernels.prep_xh if half else kernels.prep_x
     prep[(cfg.block_t, -(-sx // 32))](
         x, xp, t, kw, x.stride(0), SX=sx, BW=32, PDL=pdl, num_warps=1, launch_pdl=pdl
     )
     return StreamInput(xp, t, kw, sx, groups, half)
+
+
+def _prepared_x(num_blocks: int, sx: int, half: bool, device) -> torch.Tensor:
+    # prep_x's fp32 [rows, 10, sx] or prep_xh's int32 [rows, 5, sx]
+    if half:
+        return torch.empty(num_blocks, 5, sx, dtype=torch.int32, device=device)
+    return torch.empty(num_blocks, 10, sx, dtype=torch.float32, device=device)
+
+
+def _stream_meta(cfg: KernelConfig, groups, sx, kw, half, group_size, fused, zeros, pdl) -> dict:
+    # the constexprs and launch options stream and stream_grouped share
+    step = groups * group_size // 8
+    return dict(
+        HAS_ZEROS=zeros is not None, FUSED=fused, GROUP=group_size, BN=cfg.block_n, G=groups,
+        BT=cfg.block_t, NS=cfg.num_stages, PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0,
+        PDL=pdl, ONE_PASS=cfg.one_pass, AHEAD=cfg.ahead,
+        HALF=(2 if _interpreting() else 1) if half else 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+    )  # fmt: skip
 
 
 def stream_launch(cfg: KernelConfig, xin: StreamInput, w, group_size, y, fused: bool) -> None:
@@ -436,17 +453,13 @@ def stream_launch(cfg: KernelConfig, xin: StreamInput, w, group_size, y, fused: 
     qweight, scales, zeros = w
     n_rows = qweight.shape[0]
     n_out = n_rows // 2 if fused else n_rows
-    step = xin.groups * group_size // 8
-    pdl = _pdl(y.device)
+    meta = _stream_meta(
+        cfg, xin.groups, xin.sx, xin.kw, xin.half, group_size, fused, zeros, _pdl(y.device)
+    )
     z = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     kernels.stream[(-(-n_out // cfg.block_n),)](
         xin.xp, qweight, scales, z, y, xin.t, n_out, xin.kw, n_out, y.stride(0),
-        qweight.stride(0), scales.stride(0), kernels.STREAM_MAGIC,
-        HAS_ZEROS=zeros is not None, FUSED=fused, GROUP=group_size, BN=cfg.block_n,
-        G=xin.groups, BT=cfg.block_t, NS=cfg.num_stages, PREFETCH=cfg.prefetch, SX=xin.sx,
-        EVEN=xin.kw % step == 0, PDL=pdl, ONE_PASS=cfg.one_pass, AHEAD=cfg.ahead,
-        HALF=(2 if _interpreting() else 1) if xin.half else 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        qweight.stride(0), scales.stride(0), kernels.STREAM_MAGIC, **meta,
     )  # fmt: skip
 
 
@@ -491,13 +504,9 @@ def stream_grouped_launch(
     n_rows, kw = qweight.shape[0], x.shape[1] // 8
     n_out = n_rows // 2 if fused else n_rows
     groups, sx = _stream_steps(cfg, x.shape[1], group_size)
-    step = groups * group_size // 8
-    half = _half(cfg, group_size, step)
+    half = _half(cfg, group_size, groups * group_size // 8)
     pdl = _pdl(y.device)
-    xp = torch.empty(
-        num * t, 5 if half else 10, sx, dtype=torch.int32 if half else torch.float32,
-        device=x.device,
-    )  # fmt: skip
+    xp = _prepared_x(num * t, sx, half, x.device)
     r = [lo << 8 | n for lo, n in spans] + [0] * (_SLOTS - num)
     kernels.prep_grouped[(num * t, -(-sx // 32))](
         x, xp, kw, x.stride(0), *r, SX=sx, BW=32, BT=t, HALF=half, PDL=pdl, num_warps=1,
@@ -507,11 +516,7 @@ def stream_grouped_launch(
     kernels.stream_grouped[(-(-n_out // cfg.block_n), num)](
         xp, qweight, scales, z, y, n_out, kw, n_out, y.stride(0), qweight.stride(0),
         scales.stride(0), kernels.STREAM_MAGIC, unit, *index, *[0] * (_SLOTS - num), *r,
-        HAS_ZEROS=zeros is not None, FUSED=fused, GROUP=group_size, BN=cfg.block_n, G=groups,
-        BT=t, NS=cfg.num_stages, PREFETCH=cfg.prefetch, SX=sx, EVEN=kw % step == 0, PDL=pdl,
-        ONE_PASS=cfg.one_pass, AHEAD=cfg.ahead,
-        HALF=(2 if _interpreting() else 1) if half else 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        **_stream_meta(cfg, groups, sx, kw, half, group_size, fused, zeros, pdl),
     )  # fmt: skip
 
 
